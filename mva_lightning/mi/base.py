@@ -1,0 +1,74 @@
+"""The interface every mutual-information penalty implements.
+
+A penalty compares two value vectors i (trainable) and j through paired features, one tensor
+per adapted module: ``x[m]`` of shape (n_m, d_x) for value i and ``y[m]`` of shape (n_m, d_y)
+for value j, row k of ``x[m]`` paired with row k of ``y[m]``. Which features (LoRA A rows,
+delta W rows, per-token projections A h) is chosen by the estimator's ``features`` attribute
+and extracted by :mod:`mva_lightning.mi.features`.
+
+A new estimator is one file in this package plus one config in ``conf/mi/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FEATURES = ("lora_a", "delta_w", "activations")
+
+
+@dataclass
+class MIEstimate:
+    """What an estimator returns.
+
+    Attributes:
+        value: Scalar penalty/estimate to minimise w.r.t. the value vectors (grad flows to x).
+        finite: False when the raw estimate was inf/NaN and ``value`` was replaced by 0.
+    """
+
+    value: torch.Tensor
+    finite: bool = True
+
+
+class MIEstimator(nn.Module):
+    """Base class: ``forward(x, y)`` -> :class:`MIEstimate` summed or pooled over modules.
+
+    Estimators with a statistics network (MINE) override :meth:`head_loss`; the LightningModule
+    minimises it with the head's own optimizer, on detached features.
+
+    Args:
+        features: ``lora_a`` | ``delta_w`` | ``activations``.
+    """
+
+    features: str = "lora_a"
+
+    def __init__(self, features: str = "lora_a") -> None:
+        super().__init__()
+        if features not in FEATURES:
+            raise ValueError(f"mi.features: expected one of {FEATURES}, got {features!r}")
+        self.features = features
+
+    @property
+    def has_head(self) -> bool:
+        """True when the estimator has parameters of its own to train (a statistics network)."""
+        return any(True for _ in self.parameters())
+
+    def forward(self, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> MIEstimate:
+        raise NotImplementedError
+
+    def head_loss(self, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Loss for the estimator's own parameters (none by default)."""
+        raise NotImplementedError(f"{type(self).__name__} has no statistics network")
+
+
+def check_pairs(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> None:
+    """Raise a clear error unless x and y hold paired samples for the same modules."""
+    if x.keys() != y.keys():
+        raise ValueError(f"MI features cover different modules: {sorted(x)} vs {sorted(y)}")
+    for m in x:
+        if x[m].shape[0] != y[m].shape[0]:
+            raise ValueError(
+                f"MI features at {m}: {x[m].shape[0]} vs {y[m].shape[0]} samples; expected pairs"
+            )

@@ -1,0 +1,171 @@
+"""``train(cfg)``: the whole MVA run from a composed config; the entry point and tests call it.
+
+Below this function nothing takes a DictConfig: objects come from ``_target_`` nodes and plain
+values are passed on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mva_lightning.io import write_text
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config value is missing or malformed; the message names the key."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail fast, naming every required (``???``) key left unset and malformed values."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"required config keys are unset (???): {', '.join(missing)}")
+    if "value" not in cfg or not cfg.value:
+        raise ConfigError("no values selected: set value=[helpful,harmless,...]")
+    for name, node in cfg.value.items():
+        if not isinstance(node, DictConfig) or "source" not in node:
+            raise ConfigError(f"value.{name}: expected a mapping with a 'source' entry")
+
+
+def load_value_splits(cfg: DictConfig) -> dict[str, Any]:
+    """Read every value's pairs and split them (before any model is loaded)."""
+    from hydra.utils import instantiate
+
+    from mva_lightning.data.sources import DataError, split_pairs
+
+    splits = {}
+    for name, node in cfg.value.items():
+        try:
+            pairs = instantiate(node.source)
+        except DataError as err:
+            raise DataError(f"value.{name}.source: {err}") from None
+        if node.get("max_pairs"):
+            pairs = pairs[: node.max_pairs]
+        split = cfg.data.split
+        splits[name] = split_pairs(pairs, test=split.test, val=split.val, seed=split.seed)
+        log.info(
+            "value %s: %d train / %d val / %d test pairs", name,
+            len(splits[name].train), len(splits[name].val), len(splits[name].test),
+        )
+    return splits
+
+
+def build(cfg: DictConfig, splits: dict[str, Any]):
+    """Model, value vectors, data module and LightningModule from the config."""
+    from hydra.utils import instantiate
+
+    from mva_lightning import lora
+    from mva_lightning.data.datamodule import PreferenceDataModule
+    from mva_lightning.module import MVAModule
+
+    values = list(cfg.value.keys())
+    backbone = instantiate(cfg.model.loader)
+    policy = lora.add_value_vectors(backbone.model, values, **cfg.model.lora)
+    reference = None
+    if cfg.train.separate_reference:
+        reference = instantiate(cfg.model.loader).model
+    datamodule = PreferenceDataModule(
+        splits, backbone.tokenizer, **OmegaConf.to_container(cfg.data.loader, resolve=True)
+    )
+    estimator = instantiate(cfg.mi.estimator) if cfg.mi.alpha > 0 else None
+    module = MVAModule(
+        policy,
+        values,
+        optimizer=instantiate(cfg.optimizer),
+        beta=cfg.train.beta,
+        alpha=cfg.mi.alpha,
+        mi=estimator,
+        schedule=cfg.train.schedule,
+        mi_optimizer=instantiate(cfg.mi.optimizer) if cfg.mi.get("optimizer") else None,
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        reference_model=reference,
+        precompute_reference=cfg.train.precompute_reference,
+        head_on_response_only=cfg.train.head_on_response_only,
+        label_smoothing=cfg.train.label_smoothing,
+        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
+        gradient_clip_val=cfg.train.gradient_clip_val,
+        mi_max_samples=cfg.mi.max_samples,
+    )
+    return backbone, module, datamodule
+
+
+def resume_stage(ckpt_path: str | None) -> int:
+    """The stage a checkpoint was saved in (0 without a checkpoint)."""
+    if not ckpt_path:
+        return 0
+    import torch
+
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    meta = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("mva")
+    if meta is None:
+        raise ConfigError(f"ckpt_path={ckpt_path}: not an mva_lightning checkpoint")
+    return int(meta["stage"])
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train the value vectors stage by stage, then run the post-training callbacks.
+
+    Args:
+        cfg: The composed config (``conf/config.yaml`` plus overrides).
+
+    Returns:
+        The final logged metrics (floats), also written to ``<run>/metrics.json``.
+    """
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mva_lightning import lora
+    from mva_lightning.io import write_json
+
+    check_config(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    os.environ.setdefault("WANDB_MODE", "offline")
+    L.seed_everything(cfg.seed, workers=True)
+
+    splits = load_value_splits(cfg)
+    start = resume_stage(cfg.get("ckpt_path"))
+    backbone, module, datamodule = build(cfg, splits)
+    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
+    metrics: dict[str, float] = {}
+    try:
+        for stage in range(start, len(module.stages)):
+            module.begin_stage(stage)
+            datamodule.active_values = module.stage_values
+            tag = f"stage{stage}-{'+'.join(module.stage_values)}"
+            callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+            callbacks.append(
+                ModelCheckpoint(dirpath=run_dir / "checkpoints" / tag, save_last=True, save_top_k=0)
+            )
+            trainer = instantiate(
+                cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                default_root_dir=str(run_dir),
+            )
+            ckpt = cfg.get("ckpt_path") if stage == start else None
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+            if trainer.is_global_zero:
+                lora.save_value_vectors(module.policy, run_dir / "adapters", module.stage_values)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        if module.trainer is not None and module.trainer.is_global_zero:
+            write_json(run_dir / "metrics.json", metrics)
+    finally:
+        _finish_wandb(loggers)
+    return metrics
+
+
+def _finish_wandb(loggers: list) -> None:
+    # One W&B run per Hydra job: without finish(), multirun jobs merge into one run.
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()

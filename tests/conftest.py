@@ -1,0 +1,71 @@
+"""Shared test helpers: toy preference files, config composition, the shared real data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def shared_file(*parts: str) -> Path:
+    """A file of the shared real data, or skip the test (with the reason) where it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"shared data not available: {path.relative_to(REPO.parent)} is absent")
+    return path
+
+
+def write_hh_file(path: Path, n: int, good: str, bad: str) -> Path:
+    """An HH-format JSONL.gz file of n toy pairs: chosen ends with `good`, rejected with `bad`."""
+    with gzip.open(path, "wt") as fh:
+        for i in range(n):
+            prompt = f"\n\nHuman: Tell me about item {i}.\n\nAssistant:"
+            fh.write(json.dumps({"chosen": f"{prompt} {good} {i}.", "rejected": f"{prompt} {bad}"}))
+            fh.write("\n")
+    return path
+
+
+@pytest.fixture
+def toy_data(tmp_path) -> dict[str, Path]:
+    """Two toy values in HH format: helpful prefers long answers, harmless prefers refusals."""
+    return {
+        "helpful": write_hh_file(tmp_path / "helpful.jsonl.gz", 24, "Here is a full answer", "No."),
+        "harmless": write_hh_file(tmp_path / "harmless.jsonl.gz", 24, "I cannot help.", "Sure!"),
+    }
+
+
+def compose(overrides: list[str] | None = None):
+    """Compose conf/config.yaml with overrides, as `python -m mva_lightning` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))
+
+
+def toy_overrides(toy_data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """Overrides for a fast run of the tiny model on the toy data, CSV logging only."""
+    return [
+        f"value.helpful.source.files=[{toy_data['helpful']}]",
+        f"value.harmless.source.files=[{toy_data['harmless']}]",
+        f"paths.output_dir={out}",
+        "logger=csv",
+        "data.loader.max_length=64",
+        "data.loader.max_prompt_length=40",
+        "data.loader.batch_size=4",
+        "data.split.test=0.1",
+        "data.split.val=0.1",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]

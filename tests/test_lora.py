@@ -1,0 +1,121 @@
+"""Value vectors: exact weighted combination, trainable flags, adapter folders, log-probs."""
+
+import copy
+
+import pytest
+import torch
+
+from mva_lightning import lora
+from mva_lightning.data.collate import collate_pairs, tokenize_pair
+from mva_lightning.data.sources import PreferencePair
+from mva_lightning.logps import response_logps
+from mva_lightning.models import tiny_llama
+
+VALUES = ["helpful", "harmless", "humor"]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return tiny_llama(seed=1)
+
+
+@pytest.fixture
+def policy(backbone):
+    model = lora.add_value_vectors(copy.deepcopy(backbone.model), VALUES, r=4, lora_alpha=8)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            for v in VALUES:  # non-zero B so that every value vector changes the model
+                layer.lora_B[v].weight.copy_(torch.randn(layer.lora_B[v].weight.shape, generator=gen))
+    return model
+
+
+def _merged_by_hand(backbone, policy, weights):
+    """W_0 + sum_v w_v * s * B_v A_v written into a fresh copy of the base model."""
+    model = copy.deepcopy(backbone.model)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, _ in lora.lora_layers(policy):
+            target = modules[name.removeprefix("base_model.model.")]
+            for v, w in weights.items():
+                target.weight += w * lora.lora_factors(policy, v)[name].delta_w()
+    return model
+
+
+@pytest.mark.parametrize("weights", [{"helpful": 1.0}, {"helpful": 1.5, "harmless": -0.5, "humor": 0.3},
+                                     {"helpful": 2.0, "harmless": 2.0, "humor": -1.0}])
+def test_combination_is_exact(backbone, policy, weights):
+    ids = torch.randint(0, 200, (2, 12))
+    lora.set_weights(policy, weights)
+    with torch.no_grad():
+        got = policy(input_ids=ids).logits
+        want = _merged_by_hand(backbone, policy, weights)(input_ids=ids).logits
+        base = backbone.model(input_ids=ids).logits
+    assert not torch.allclose(got, base, atol=1e-3)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert lora.get_weights(policy) == pytest.approx({v: weights.get(v, 0.0) for v in VALUES})
+
+
+def test_zero_weights_is_the_base_and_context_restores(backbone, policy):
+    ids = torch.randint(0, 200, (1, 8))
+    lora.set_weights(policy, {"helpful": 0.7})
+    with torch.no_grad(), lora.using_weights(policy, {}):
+        torch.testing.assert_close(policy(input_ids=ids).logits, backbone.model(input_ids=ids).logits)
+    assert lora.get_weights(policy)["helpful"] == pytest.approx(0.7)
+
+
+def test_unknown_value_and_wrong_length(policy):
+    with pytest.raises(KeyError, match="no value vector"):
+        lora.set_weights(policy, {"funny": 1.0})
+    with pytest.raises(ValueError, match="has 2 entries; expected 3"):
+        lora.preference_dict(VALUES, [1.0, 2.0])
+
+
+def test_set_trainable_survives_switching(policy):
+    lora.set_trainable(policy, ["harmless"])
+    lora.set_weights(policy, {"helpful": 1.0})  # PEFT's set_adapter would toggle grads
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all(".harmless." in n for n in trainable)
+    assert len(trainable) == len(lora.adapter_parameters(policy, "harmless"))
+
+
+def test_adapter_folder_loads_with_peft(backbone, policy, tmp_path):
+    from peft import PeftModel
+
+    lora.save_value_vectors(policy, tmp_path, ["humor"])
+    assert (tmp_path / "humor" / "adapter_model.safetensors").is_file()
+    loaded = PeftModel.from_pretrained(copy.deepcopy(backbone.model), tmp_path / "humor")
+    ids = torch.randint(0, 200, (1, 8))
+    lora.set_weights(policy, {"humor": 1.0})
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, policy(input_ids=ids).logits)
+
+
+def test_response_logps_matches_full_forward(backbone, policy):
+    tok = backbone.tokenizer
+    pairs = [PreferencePair("\n\nHuman: hi\n\nAssistant:", "hello there", "go away"),
+             PreferencePair("\n\nHuman: a much longer question here\n\nAssistant:", "yes", "no!!")]
+    batch = collate_pairs([tokenize_pair(p, i, tok, 64, 40) for i, p in enumerate(pairs)],
+                          tok.pad_token_id)
+    lora.set_weights(policy, {"helpful": 1.0, "humor": -0.5})
+    with torch.no_grad():
+        fast = response_logps(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        full = response_logps(policy, batch["input_ids"], batch["attention_mask"],
+                              batch["response_mask"], head_on_response_only=False)
+        # by hand: sum of log-softmax at response targets
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        tgt = batch["input_ids"][:, 1:]
+        token = logp.gather(-1, tgt[..., None])[..., 0] * batch["response_mask"][:, 1:]
+    torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(fast, token.sum(-1), atol=1e-4, rtol=1e-5)
+    assert fast.shape == (4,) and torch.all(fast < 0)
+
+
+def test_cosine_similarity_of_identical_vectors(policy):
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(policy):
+            layer.lora_A["humor"].weight.copy_(layer.lora_A["helpful"].weight)
+            layer.lora_B["humor"].weight.copy_(-2 * layer.lora_B["helpful"].weight)
+    cos = lora.cosine_similarity(policy, "helpful", "humor")
+    assert cos and all(c == pytest.approx(-1.0, abs=1e-5) for c in cos.values())

@@ -1,0 +1,204 @@
+"""Candidates, Pareto mask, hypervolume and plot, against hand-derived numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mva_lightning.pareto import (
+    build_candidates,
+    explicit_candidates,
+    grid_candidates,
+    hypervolume,
+    pareto_mask,
+    plot_front,
+    simplex_candidates,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --- candidates ---------------------------------------------------------------------------
+
+
+def test_grid_default_is_paper_grid():
+    cands = grid_candidates(2)
+    assert len(cands) == 100  # |S|^K = 10^2
+    assert cands[0] == (0.1, 0.1)
+    assert cands[1] == (0.1, 0.2)
+    assert cands[-1] == (1.0, 1.0)
+    s = sorted({w for c in cands for w in c})
+    assert s == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # no 0.30000000000000004
+    assert len(grid_candidates(3)) == 1000
+
+
+def test_grid_extrapolation_and_explicit_values():
+    cands = grid_candidates(2, start=-0.5, stop=1.5, step=0.5)
+    s = [-0.5, 0.0, 0.5, 1.0, 1.5]
+    assert len(cands) == 25
+    assert cands[0] == (-0.5, -0.5) and cands[-1] == (1.5, 1.5)
+    assert sorted({w for c in cands for w in c}) == s
+    assert all(str(w) != "-0.0" for c in cands for w in c)
+
+    cands = grid_candidates(2, values=[-0.2, 1.3, 2.0])
+    assert cands == [
+        (-0.2, -0.2), (-0.2, 1.3), (-0.2, 2.0),
+        (1.3, -0.2), (1.3, 1.3), (1.3, 2.0),
+        (2.0, -0.2), (2.0, 1.3), (2.0, 2.0),
+    ]  # fmt: skip
+    assert grid_candidates(1, start=0.1, stop=1.5, step=0.1)[-1] == (1.5,)
+    assert len(grid_candidates(1, start=0.1, stop=1.5, step=0.1)) == 15
+
+
+def test_simplex_counts_and_order():
+    k2 = simplex_candidates(2, 0.1)
+    assert len(k2) == 11  # C(10 + 1, 1)
+    assert k2[0] == (0.0, 1.0) and k2[-1] == (1.0, 0.0)
+    assert (0.3, 0.7) in k2
+    k3 = simplex_candidates(3, 0.1)
+    assert len(k3) == 66  # C(10 + 2, 2)
+    assert all(abs(sum(w) - 1.0) < 1e-12 and min(w) >= 0 for w in k3)
+    assert len(set(k3)) == 66
+    assert simplex_candidates(2, 0.5) == [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
+    with pytest.raises(ValueError, match="whole parts"):
+        simplex_candidates(2, 0.3)
+
+
+def test_explicit_and_build_modes():
+    vecs = [[0.5, 1.5], [1, 0], [0.5, 1.5]]
+    assert explicit_candidates(vecs, 2) == [(0.5, 1.5), (1.0, 0.0), (0.5, 1.5)]
+    assert build_candidates("explicit", 2, vectors=vecs) == [(0.5, 1.5), (1.0, 0.0)]  # deduped
+    assert build_candidates("simplex", 2, step=0.5) == [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
+    assert build_candidates("grid", 2) == grid_candidates(2)
+
+
+def test_include_zero_goes_first_once():
+    cands = build_candidates("grid", 2, include_zero=True)
+    assert len(cands) == 101 and cands[0] == (0.0, 0.0)
+    cands = build_candidates("grid", 2, values=[0.0, 1.0], include_zero=True)
+    assert cands == [(0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)]  # zero not repeated
+    cands = build_candidates("explicit", 3, vectors=[[1, 2, 3]], include_zero=True)
+    assert cands == [(0.0, 0.0, 0.0), (1.0, 2.0, 3.0)]
+
+
+def test_candidate_errors():
+    with pytest.raises(ValueError, match="candidate set is empty"):
+        build_candidates("grid", 2, start=1.0, stop=0.5)
+    with pytest.raises(ValueError, match="candidate set is empty"):
+        build_candidates("explicit", 2, vectors=[], include_zero=True)
+    with pytest.raises(ValueError, match=r"\(0\.1, 0\.2, 0\.3\) has length 3, expected 2"):
+        build_candidates("explicit", 2, vectors=[[1, 1], [0.1, 0.2, 0.3]])
+    with pytest.raises(ValueError, match="grid, simplex, explicit"):
+        build_candidates("random", 2)
+    with pytest.raises(ValueError, match="needs `vectors`"):
+        build_candidates("explicit", 2)
+    with pytest.raises(ValueError, match="step must be positive"):
+        grid_candidates(2, step=0.0)
+
+
+# --- Pareto mask ----------------------------------------------------------------------------
+
+
+def test_pareto_mask_hand_made():
+    pts = np.array([[1, 0], [0, 1], [0.5, 0.5], [0.4, 0.4], [1, 0]])
+    # (0.4, 0.4) is dominated by (0.5, 0.5); the duplicate (1, 0) is kept like its twin
+    assert pareto_mask(pts).tolist() == [True, True, True, False, True]
+
+
+def test_pareto_mask_weak_dominance_and_3d():
+    # (1, 1) dominates (1, 0) (equal in x, better in y): dominance needs one strict improvement
+    assert pareto_mask(np.array([[1, 0], [1, 1], [0, 2]])).tolist() == [False, True, True]
+    pts = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0.0], [0.2, 0.2, 0.2], [1, 1, 1]])
+    assert pareto_mask(pts).tolist() == [False] * 5 + [True]
+    assert pareto_mask(pts[:5]).tolist() == [True] * 5  # nothing dominates another
+    assert pareto_mask(np.zeros((0, 2))).tolist() == []
+
+
+def test_pareto_mask_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        pareto_mask(np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="finite"):
+        pareto_mask(np.array([[1.0, np.nan]]))
+
+
+# --- hypervolume ----------------------------------------------------------------------------
+
+
+def test_hypervolume_2d_staircase():
+    # boxes [0,1]x[0,3], [0,2]x[0,2], [0,3]x[0,1]: 3*1 + 2*1 + 1*1 = 6
+    front = np.array([[1, 3], [2, 2], [3, 1]])
+    assert hypervolume(front, [0, 0]) == pytest.approx(6.0)
+    # reference (0.5, 0.5), by columns: x in (0.5, 1] has height 3 - 0.5, (1, 2] has 2 - 0.5,
+    # (2, 3] has 1 - 0.5 -> 0.5 * 2.5 + 1 * 1.5 + 1 * 0.5 = 3.25
+    assert hypervolume(front, [0.5, 0.5]) == pytest.approx(3.25)
+    # dominated and duplicate points add nothing
+    more = np.vstack([front, [[1, 1], [2, 2]]])
+    assert hypervolume(more, [0, 0]) == pytest.approx(6.0)
+
+
+def test_hypervolume_points_not_beyond_reference_add_nothing():
+    front = np.array([[1, 3], [2, 2], [3, 1]])
+    worse = np.array([[5, 0], [-1, 9], [0, 0]])  # equal to or below the reference somewhere
+    assert hypervolume(np.vstack([front, worse]), [0, 0]) == pytest.approx(6.0)
+    assert hypervolume(worse, [0, 0]) == 0.0
+    assert hypervolume(np.zeros((0, 2)), [0, 0]) == 0.0
+
+
+def test_hypervolume_3d():
+    assert hypervolume(np.array([[1, 2, 3]]), [0, 0, 0]) == pytest.approx(6.0)
+    # three 2x1x1 boxes along each axis: 3*2 - 3*1 (pairwise [0,1]^3) + 1 (triple) = 4
+    pts = np.array([[2, 1, 1], [1, 2, 1], [1, 1, 2]])
+    assert hypervolume(pts, [0, 0, 0]) == pytest.approx(4.0)
+    assert hypervolume(pts, [1, 1, 0]) == pytest.approx(0.0)  # none strictly beyond in x and y
+
+
+def test_hypervolume_errors():
+    with pytest.raises(ValueError, match="reference has 3 dimensions but scores have 2"):
+        hypervolume(np.array([[1, 2]]), [0, 0, 0])
+    with pytest.raises(ValueError, match="finite"):
+        hypervolume(np.array([[1, np.inf]]), [0, 0])
+    with pytest.raises(ValueError, match="finite"):
+        hypervolume(np.array([[1, 2]]), [0, np.nan])
+
+
+# --- plot -----------------------------------------------------------------------------------
+
+
+def _assert_png(path, folder):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
+    assert [p.name for p in folder.iterdir()] == [path.name]  # no temp files left
+
+
+def test_plot_front_two_objectives(tmp_path):
+    cands = grid_candidates(2, values=[0.0, 0.5, 1.0])
+    scores = np.array([[w1 - 0.3 * w2, w2 - 0.3 * w1] for w1, w2 in cands])
+    mask = pareto_mask(scores)
+    labels = [f"w=({a:g},{b:g})" for a, b in cands]
+    extra = {"SOUP": scores[:3] - 0.1, "DPO-LW": scores[3:5] - 0.2}
+    out = tmp_path / "plots" / "front.png"
+    got = plot_front(
+        scores, ["helpful", "harmless"], mask, labels, out,
+        title="MVA", reference=[0, 0], extra_fronts=extra,
+    )  # fmt: skip
+    assert got == out
+    _assert_png(out, out.parent)
+
+
+def test_plot_front_three_objectives_overwrites(tmp_path):
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(12, 3))
+    out = tmp_path / "front3.png"
+    out.write_bytes(b"old")
+    plot_front(scores, ["a", "b", "c"], pareto_mask(scores), None, out, reference=[-3, -3, -3])
+    _assert_png(out, tmp_path)
+
+
+def test_plot_front_shape_errors(tmp_path):
+    scores = np.array([[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="names"):
+        plot_front(scores, ["a"], np.array([True, True]), None, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="reference has 3 dimensions"):
+        plot_front(scores, ["a", "b"], np.array([True, True]), None, tmp_path / "x.png",
+                   reference=[0, 0, 0])  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
