@@ -222,7 +222,7 @@ def delta_weights(model: nn.Module, value: str) -> dict[str, torch.Tensor]:
 
 
 def adapter_state_dict(model: nn.Module, value: str) -> dict[str, torch.Tensor]:
-    """The value's adapter tensors in PEFT's file layout (what ``adapter_model.safetensors`` holds)."""
+    """The value's adapter tensors in PEFT's file layout (``adapter_model.safetensors``)."""
     from peft import get_peft_model_state_dict
 
     return {
@@ -231,7 +231,9 @@ def adapter_state_dict(model: nn.Module, value: str) -> dict[str, torch.Tensor]:
     }
 
 
-def load_adapter_state_dict(model: nn.Module, value: str, state: Mapping[str, torch.Tensor]) -> None:
+def load_adapter_state_dict(
+    model: nn.Module, value: str, state: Mapping[str, torch.Tensor]
+) -> None:
     """Load tensors written by :func:`adapter_state_dict` into the value's adapter."""
     from peft import set_peft_model_state_dict
 

@@ -26,7 +26,7 @@ class Backbone:
     """A causal LM with its tokenizer.
 
     Attributes:
-        model: A ``transformers`` causal LM (frozen later by :func:`mva_lightning.lora.add_value_vectors`).
+        model: A ``transformers`` causal LM (frozen later by ``lora.add_value_vectors``).
         tokenizer: Its tokenizer; ``pad_token`` is always set.
         name: Identifies the weights (hub id, file hash or config hash) for cache keys.
     """
@@ -125,7 +125,10 @@ def from_pretrained(
             name_or_path, revision=revision, trust_remote_code=trust_remote_code
         )
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, revision=revision, dtype=_dtype(dtype), trust_remote_code=trust_remote_code
+            name_or_path,
+            revision=revision,
+            dtype=_dtype(dtype),
+            trust_remote_code=trust_remote_code,
         )
     except OSError as err:
         raise RuntimeError(

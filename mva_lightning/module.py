@@ -106,8 +106,14 @@ class MVAModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold adapters and heads only, not the base
         self.save_hyperparameters(
-            {"values": list(values), "beta": beta, "alpha": alpha, "schedule": schedule,
-             "label_smoothing": label_smoothing, "mi": type(mi or NoMI()).__name__}
+            {
+                "values": list(values),
+                "beta": beta,
+                "alpha": alpha,
+                "schedule": schedule,
+                "label_smoothing": label_smoothing,
+                "mi": type(mi or NoMI()).__name__,
+            }
         )
         self.policy = policy
         self.reference_model = reference_model
@@ -133,6 +139,7 @@ class MVAModule(L.LightningModule):
             )
         self._reference_cache: dict[tuple[str, str], torch.Tensor] = {}
         self._mi_generator = torch.Generator().manual_seed(0)
+        self.begin_stage(0)
 
     # ----------------------------------------------------------------- stages
     @property
@@ -170,7 +177,10 @@ class MVAModule(L.LightningModule):
         """(2B,) log-probs of a [chosen; rejected] batch under W_0 + sum w_v delta W_v."""
         lora.set_weights(self.policy, value_weights)
         return response_logps(
-            self.policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+            self.policy,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["response_mask"],
             self.head_on_response_only,
         )
 
@@ -179,8 +189,11 @@ class MVAModule(L.LightningModule):
         """(2B,) log-probs under the reference: the base model (w = 0) or the separate copy."""
         if self.reference_model is not None:
             return response_logps(
-                self.reference_model, batch["input_ids"], batch["attention_mask"],
-                batch["response_mask"], self.head_on_response_only,
+                self.reference_model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["response_mask"],
+                self.head_on_response_only,
             )
         with lora.using_weights(self.policy, {}):
             return self.policy_logps({}, batch)
@@ -278,8 +291,10 @@ class MVAModule(L.LightningModule):
         handles = []
         if enabled:
             for name, layer in lora.lora_layers(self.policy):
+
                 def hook(_module, args, _name=name):
                     store[_name] = args[0]
+
                 handles.append(layer.register_forward_pre_hook(hook))
         try:
             yield store
@@ -332,14 +347,20 @@ class MVAModule(L.LightningModule):
         out = self.dpo(value, batch, "val")
         for key, val in out.metrics().items():
             self.log(
-                f"val/{value}/{key}", val, batch_size=batch["index"].numel(),
-                add_dataloader_idx=False, sync_dist=True,
+                f"val/{value}/{key}",
+                val,
+                batch_size=batch["index"].numel(),
+                add_dataloader_idx=False,
+                sync_dist=True,
             )
 
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        # Before configure_optimizers: the stage's vectors must be trainable (and only they).
         if self.trainer_datamodule is not None:
             self.trainer_datamodule.active_values = self.stage_values
         lora.set_trainable(self.policy, self.stage_values)
+
+    def on_fit_start(self) -> None:
         if self.precompute_reference and self.trainer_datamodule is not None:
             for value in self.stage_values:
                 for split in ("train", "val"):

@@ -42,8 +42,9 @@ def load_value_splits(cfg: DictConfig) -> dict[str, Any]:
 
     splits = {}
     for name, node in cfg.value.items():
+        read = instantiate(node.source, _partial_=True)  # called here: errors stay unwrapped
         try:
-            pairs = instantiate(node.source)
+            pairs = read()
         except DataError as err:
             raise DataError(f"value.{name}.source: {err}") from None
         if node.get("max_pairs"):
@@ -51,8 +52,11 @@ def load_value_splits(cfg: DictConfig) -> dict[str, Any]:
         split = cfg.data.split
         splits[name] = split_pairs(pairs, test=split.test, val=split.val, seed=split.seed)
         log.info(
-            "value %s: %d train / %d val / %d test pairs", name,
-            len(splits[name].train), len(splits[name].val), len(splits[name].test),
+            "value %s: %d train / %d val / %d test pairs",
+            name,
+            len(splits[name].train),
+            len(splits[name].val),
+            len(splits[name].test),
         )
     return splits
 
@@ -143,20 +147,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
             module.begin_stage(stage)
             datamodule.active_values = module.stage_values
             tag = f"stage{stage}-{'+'.join(module.stage_values)}"
-            callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+            callbacks = [
+                instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node
+            ]
             callbacks.append(
-                ModelCheckpoint(dirpath=run_dir / "checkpoints" / tag, save_last=True, save_top_k=0)
+                ModelCheckpoint(
+                    dirpath=run_dir / "checkpoints" / tag,
+                    save_last="link",
+                    save_top_k=1,
+                    every_n_train_steps=cfg.train.checkpoint_every_n_steps,
+                )
             )
             trainer = instantiate(
-                cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                cfg.trainer,
+                callbacks=callbacks,
+                logger=loggers or False,
                 default_root_dir=str(run_dir),
             )
             ckpt = cfg.get("ckpt_path") if stage == start else None
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-            if trainer.is_global_zero:
-                lora.save_value_vectors(module.policy, run_dir / "adapters", module.stage_values)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-        if module.trainer is not None and module.trainer.is_global_zero:
+        if module.trainer.is_global_zero:
+            lora.save_value_vectors(module.policy, run_dir / "adapters", module.values)
             write_json(run_dir / "metrics.json", metrics)
     finally:
         _finish_wandb(loggers)

@@ -26,7 +26,9 @@ def policy(backbone):
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
             for v in VALUES:  # non-zero B so that every value vector changes the model
-                layer.lora_B[v].weight.copy_(torch.randn(layer.lora_B[v].weight.shape, generator=gen))
+                layer.lora_B[v].weight.copy_(
+                    torch.randn(layer.lora_B[v].weight.shape, generator=gen)
+                )
     return model
 
 
@@ -42,8 +44,14 @@ def _merged_by_hand(backbone, policy, weights):
     return model
 
 
-@pytest.mark.parametrize("weights", [{"helpful": 1.0}, {"helpful": 1.5, "harmless": -0.5, "humor": 0.3},
-                                     {"helpful": 2.0, "harmless": 2.0, "humor": -1.0}])
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"helpful": 1.0},
+        {"helpful": 1.5, "harmless": -0.5, "humor": 0.3},
+        {"helpful": 2.0, "harmless": 2.0, "humor": -1.0},
+    ],
+)
 def test_combination_is_exact(backbone, policy, weights):
     ids = torch.randint(0, 200, (2, 12))
     lora.set_weights(policy, weights)
@@ -60,7 +68,9 @@ def test_zero_weights_is_the_base_and_context_restores(backbone, policy):
     ids = torch.randint(0, 200, (1, 8))
     lora.set_weights(policy, {"helpful": 0.7})
     with torch.no_grad(), lora.using_weights(policy, {}):
-        torch.testing.assert_close(policy(input_ids=ids).logits, backbone.model(input_ids=ids).logits)
+        torch.testing.assert_close(
+            policy(input_ids=ids).logits, backbone.model(input_ids=ids).logits
+        )
     assert lora.get_weights(policy)["helpful"] == pytest.approx(0.7)
 
 
@@ -93,15 +103,25 @@ def test_adapter_folder_loads_with_peft(backbone, policy, tmp_path):
 
 def test_response_logps_matches_full_forward(backbone, policy):
     tok = backbone.tokenizer
-    pairs = [PreferencePair("\n\nHuman: hi\n\nAssistant:", "hello there", "go away"),
-             PreferencePair("\n\nHuman: a much longer question here\n\nAssistant:", "yes", "no!!")]
-    batch = collate_pairs([tokenize_pair(p, i, tok, 64, 40) for i, p in enumerate(pairs)],
-                          tok.pad_token_id)
+    pairs = [
+        PreferencePair("\n\nHuman: hi\n\nAssistant:", "hello there", "go away"),
+        PreferencePair("\n\nHuman: a much longer question here\n\nAssistant:", "yes", "no!!"),
+    ]
+    batch = collate_pairs(
+        [tokenize_pair(p, i, tok, 64, 40) for i, p in enumerate(pairs)], tok.pad_token_id
+    )
     lora.set_weights(policy, {"helpful": 1.0, "humor": -0.5})
     with torch.no_grad():
-        fast = response_logps(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        full = response_logps(policy, batch["input_ids"], batch["attention_mask"],
-                              batch["response_mask"], head_on_response_only=False)
+        fast = response_logps(
+            policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        )
+        full = response_logps(
+            policy,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["response_mask"],
+            head_on_response_only=False,
+        )
         # by hand: sum of log-softmax at response targets
         logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logp = torch.log_softmax(logits[:, :-1].float(), -1)

@@ -38,7 +38,9 @@ class LengthBucketSampler(Sampler[list[int]]):
         batches = []
         for start in range(0, len(order), span):
             chunk = sorted(order[start : start + span], key=lambda i: self.lengths[i])
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches += [
+                chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
+            ]
         rng.shuffle(batches)
         return iter(batches)
 
@@ -120,7 +122,12 @@ class PreferenceDataModule(L.LightningDataModule):
             pairs = getattr(self.splits[value], split)
             self._tokenized[key] = [
                 tokenize_pair(
-                    p, i, self.tokenizer, self.max_length, self.max_prompt_length, self.chat_template
+                    p,
+                    i,
+                    self.tokenizer,
+                    self.max_length,
+                    self.max_prompt_length,
+                    self.chat_template,
                 )
                 for i, p in enumerate(pairs)
             ]
@@ -132,7 +139,9 @@ class PreferenceDataModule(L.LightningDataModule):
         collate = functools.partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
         kw = dict(collate_fn=collate, num_workers=self.num_workers)
         if split == "train" and shuffle and self.bucket_by_length:
-            lengths = [len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in data]
+            lengths = [
+                len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in data
+            ]
             sampler = LengthBucketSampler(lengths, self.batch_size, seed=self.seed)
             return DataLoader(data, batch_sampler=sampler, **kw)
         size = self.batch_size if split == "train" else self.eval_batch_size

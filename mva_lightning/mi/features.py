@@ -32,6 +32,7 @@ def lora_features(
     factors_i: Mapping[str, LoraFactors],
     factors_j: Mapping[str, LoraFactors],
     kind: str,
+    detach_y: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Features read from the weights alone (no inputs needed).
 
@@ -41,6 +42,8 @@ def lora_features(
         kind: ``lora_a``: the r rows of A are the paired samples, x[m] = A_i (r, d_in), as the
             paper's code does. ``delta_w``: the d_out rows of delta W = s B A are the samples,
             x[m] (d_out, d_in).
+        detach_y: Detach value j's features (sequential schedule: j is frozen). The joint
+            schedule passes False so that the penalty moves both vectors.
 
     Returns:
         (x, y): module name -> features of value i and of value j, rows paired.
@@ -51,7 +54,9 @@ def lora_features(
     """
     if kind not in WEIGHT_FEATURES:
         hint = "; use activation_features for 'activations'" if kind == "activations" else ""
-        raise ValueError(f"lora_features: kind must be one of {WEIGHT_FEATURES}, got {kind!r}{hint}")
+        raise ValueError(
+            f"lora_features: kind must be one of {WEIGHT_FEATURES}, got {kind!r}{hint}"
+        )
     _check_modules(factors_i, factors_j)
     x: dict[str, torch.Tensor] = {}
     y: dict[str, torch.Tensor] = {}
@@ -64,10 +69,12 @@ def lora_features(
             )
         if kind == "lora_a":
             x[m] = fi.A.float()  # (r, d_in)
-            y[m] = fj.A.detach().float()  # (r, d_in)
+            y[m] = fj.A.float()  # (r, d_in)
         else:
             x[m] = fi.delta_w().float()  # (d_out, d_in) = s * (d_out, r) @ (r, d_in)
-            y[m] = fj.delta_w().detach().float()
+            y[m] = fj.delta_w().float()
+        if detach_y:
+            y[m] = y[m].detach()
     return x, y
 
 
@@ -77,6 +84,7 @@ def activation_features(
     factors_j: Mapping[str, LoraFactors],
     max_samples: int,
     generator: torch.Generator | None = None,
+    detach_y: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-token low-rank projections u = A_i h, v = A_j h of the same hidden states h.
 
@@ -91,6 +99,7 @@ def activation_features(
         max_samples: Keep at most this many tokens per module, drawn without replacement;
             x and y keep the same rows, so the pairing survives.
         generator: Source of the subsampling permutation (None: the global RNG).
+        detach_y: Detach value j's projections (False in the joint schedule).
 
     Returns:
         (x, y): module name -> (n, r) projections of value i and of value j, n <= max_samples.
@@ -122,5 +131,5 @@ def activation_features(
             h = h[rows.to(h.device)]
         h = h.detach().float()  # (n, d_in)
         x[m] = h @ a_i.float().T  # (n, r): u = A_i h per token
-        y[m] = h @ a_j.detach().float().T  # (n, r): v = A_j h per token
+        y[m] = h @ (a_j.detach() if detach_y else a_j).float().T  # (n, r): v = A_j h
     return x, y

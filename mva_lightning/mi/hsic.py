@@ -75,12 +75,14 @@ def hsic(
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"hsic: {x.shape[0]} vs {y.shape[0]} samples; expected pairs")
     n = x.shape[0]
-    k = rbf_kernel(x, sigma_x)  # (n, n)
-    l = rbf_kernel(y, sigma_y)  # (n, n)  # noqa: E741
+    gram_k = rbf_kernel(x, sigma_x)  # K (n, n)
+    gram_l = rbf_kernel(y, sigma_y)  # L (n, n)
     # H K H: subtract row and column means, add back the grand mean
-    kc = k - k.mean(dim=0, keepdim=True) - k.mean(dim=1, keepdim=True) + k.mean()  # (n, n)
+    kc = (
+        gram_k - gram_k.mean(dim=0, keepdim=True) - gram_k.mean(dim=1, keepdim=True) + gram_k.mean()
+    )  # (n, n)
     # tr(H K H L) = sum_ab (HKH)_ab L_ba = sum(HKH * L) as L is symmetric; O(n^2), no matmul
-    return (kc * l).sum() / n**2
+    return (kc * gram_l).sum() / n**2
 
 
 class HSIC(MIEstimator):

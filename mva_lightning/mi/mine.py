@@ -160,7 +160,9 @@ class MINE(MIEstimator):
         it to the batch's mean exp T_marg). Never NaN: a non-finite batch gives a 0 that keeps
         the graph (zero gradient), leaves ``ema`` as it was and logs a warning.
         """
-        u, v = self._pool({m: t.detach() for m, t in x.items()}, {m: t.detach() for m, t in y.items()})
+        u, v = self._pool(
+            {m: t.detach() for m, t in x.items()}, {m: t.detach() for m, t in y.items()}
+        )
         t_joint, t_marg = self._scores(u, v)
         log_mean_exp = torch.logsumexp(t_marg, dim=0) - math.log(t_marg.shape[0])  # log E[e^T]
         mean_exp = log_mean_exp.detach().exp()
@@ -178,9 +180,7 @@ class MINE(MIEstimator):
         return -(t_joint.mean() - log_term)
 
     def extra_repr(self) -> str:
-        return (
-            f"features={self.features!r}, ema_rate={self.ema_rate}, clamp={self.clamp}"
-        )
+        return f"features={self.features!r}, ema_rate={self.ema_rate}, clamp={self.clamp}"
 
 
 def estimate_mi(
@@ -213,7 +213,9 @@ def estimate_mi(
         The DV estimate in nats (a float; inf/NaN only if every evaluation diverged).
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"estimate_mi: expected (n, d) pairs, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(
+            f"estimate_mi: expected (n, d) pairs, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     if steps < 1 or n_evals < 1:
         raise ValueError(f"estimate_mi: steps and n_evals must be >= 1, got {steps}, {n_evals}")
     x, y = x.detach().float(), y.detach().float()

@@ -1,0 +1,148 @@
+"""The LightningModule: step-0 invariant, sequential freezing, reference after training."""
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from mva_lightning import lora
+from mva_lightning.data.datamodule import PreferenceDataModule
+from mva_lightning.data.sources import PreferencePair, split_pairs
+from mva_lightning.mi import HSIC
+from mva_lightning.models import tiny_llama
+from mva_lightning.module import MVAModule, mi_pairs, stages_for
+
+VALUES = ["helpful", "harmless"]
+
+
+def _pairs(good, bad, n=16):
+    return [
+        PreferencePair(f"\n\nHuman: item {i}?\n\nAssistant:", f"{good} {i}", bad) for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama(seed=3)
+
+
+def _setup(base, schedule="sequential", alpha=0.0, mi=None, lr=1e-2):
+    policy = lora.add_value_vectors(copy.deepcopy(base.model), VALUES, r=4, lora_alpha=8)
+    splits = {
+        "helpful": split_pairs(_pairs("a long helpful answer", "no"), 0.1, 0.1, 0),
+        "harmless": split_pairs(_pairs("I refuse", "sure thing"), 0.1, 0.1, 0),
+    }
+    dm = PreferenceDataModule(
+        splits, base.tokenizer, batch_size=4, max_length=64, max_prompt_length=32
+    )
+    module = MVAModule(
+        policy,
+        VALUES,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
+        alpha=alpha,
+        mi=mi,
+        schedule=schedule,
+    )
+    return module, dm
+
+
+def _trainer(**kw):
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+        **kw,
+    )
+
+
+def test_schedule_stages_and_pairs():
+    assert stages_for(["a", "b", "c"], "sequential") == [["a"], ["b"], ["c"]]
+    assert stages_for(["a", "b", "c"], "joint") == [["a", "b", "c"]]
+    assert mi_pairs(["a", "b", "c"], ["c"]) == [("c", "a"), ("c", "b")]
+    assert mi_pairs(["a", "b", "c"], ["a", "b", "c"]) == [("a", "b"), ("a", "c"), ("b", "c")]
+    with pytest.raises(ValueError, match="train.schedule"):
+        stages_for(["a"], "zigzag")
+
+
+def test_step0_loss_is_ln2_and_rewards_zero(base):
+    module, dm = _setup(base)
+    trainer = _trainer(limit_train_batches=0)
+    trainer.fit(module, datamodule=dm)  # attaches trainer; precomputes the reference
+    batch = next(iter(dm.loader("helpful", "train")))
+    out = module.dpo("helpful", batch)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-5)
+    assert out.chosen_rewards.abs().max().item() < 1e-5
+    assert out.rejected_rewards.abs().max().item() < 1e-5
+
+
+def _snapshot(module):
+    return {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+
+
+def test_sequential_stage_changes_only_the_active_vector(base):
+    module, dm = _setup(base, alpha=1.0, mi=HSIC(features="lora_a"))
+    module.begin_stage(0)
+    _trainer(max_steps=2).fit(module, datamodule=dm)
+    module.begin_stage(1)
+    before = _snapshot(module)
+    _trainer(max_steps=3).fit(module, datamodule=dm)
+    after = _snapshot(module)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    harmless = {n for n in before if ".harmless." in n}
+    # every harmless tensor that gets gradient (B, and A through B != 0) changed; nothing else did
+    assert changed and changed <= harmless
+    assert {n for n in harmless if "lora_B" in n} <= changed
+    assert not any(".helpful." in n or "lora_" not in n for n in changed)
+
+
+def test_joint_schedule_trains_every_vector(base):
+    module, dm = _setup(base, schedule="joint", alpha=1.0, mi=HSIC())
+    before = _snapshot(module)
+    _trainer(max_steps=2).fit(module, datamodule=dm)
+    after = _snapshot(module)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    for v in VALUES:
+        assert any(f".{v}." in n and "lora_B" in n for n in changed)
+    assert all("lora_" in n for n in changed)
+
+
+def test_reference_after_training_is_still_the_base(base):
+    module, dm = _setup(base)
+    _trainer(max_steps=4).fit(module, datamodule=dm)
+    batch = next(iter(dm.loader("helpful", "val")))
+    module.precompute_reference = False
+    module._reference_cache.clear()
+    ref = module.reference_logps(batch)
+    from mva_lightning.logps import response_logps
+
+    plain = response_logps(
+        base.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    )
+    torch.testing.assert_close(ref, plain, atol=1e-5, rtol=1e-5)
+    trained = module.policy_logps({"helpful": 1.0}, batch)
+    assert not torch.allclose(trained, ref, atol=1e-4)
+
+
+def test_negative_alpha_and_unknown_value_fail(base):
+    policy = lora.add_value_vectors(copy.deepcopy(base.model), VALUES, r=4, lora_alpha=8)
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        MVAModule(policy, VALUES, optimizer=torch.optim.AdamW, alpha=-1.0)
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        MVAModule(policy, ["helpful", "humor"], optimizer=torch.optim.AdamW)
+
+
+def test_checkpoint_holds_adapters_only(base, tmp_path):
+    module, dm = _setup(base)
+    trainer = _trainer(max_steps=1)
+    trainer.fit(module, datamodule=dm)
+    path = tmp_path / "x.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
+    assert ckpt["mva"] == {"stage": 0, "values": VALUES, "schedule": "sequential"}
