@@ -108,6 +108,38 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
+def fsdp_wrap_policy(layer_classes: Sequence[str] = ("LlamaDecoderLayer",)):
+    """FSDP auto-wrap policy that keeps the value vectors apart from the frozen base.
+
+    Each decoder layer (class name in ``layer_classes``) is an FSDP unit, and so is every LoRA
+    factor (``lora_A`` / ``lora_B`` of every value, trainable or not). A unit that mixed frozen
+    base weights with trainable ones would allocate gradients for all of them (litgpt#1417) and
+    would mix the base dtype with the adapters' fp32; this way the sequential schedule can
+    switch which value trains without re-wrapping. Use with ``use_orig_params=True``.
+
+    Args:
+        layer_classes: Class names of the decoder layers (``model._no_split_modules``).
+
+    Returns:
+        A ``torch.distributed.fsdp.wrap.CustomPolicy``.
+    """
+    from peft.tuners.lora import LoraLayer
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    names = set(layer_classes)
+    factors: set[int] = set()
+
+    def wrap(module: nn.Module) -> bool:
+        # CustomPolicy visits modules parents first: a LoRA layer names its factors before
+        # they are visited.
+        if isinstance(module, LoraLayer):
+            factors.update(id(m) for d in (module.lora_A, module.lora_B) for m in d.values())
+            return False
+        return id(module) in factors or type(module).__name__ in names
+
+    return CustomPolicy(wrap)
+
+
 def value_names(model: nn.Module) -> list[str]:
     """The value vectors (adapter names) that ``model`` holds, in insertion order."""
     return list(getattr(model, "peft_config", {}).keys())
@@ -129,10 +161,11 @@ def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
         raise KeyError(f"preference names {unknown} have no value vector; trained: {known}")
     active = [v for v in known if float(weights.get(v, 0.0)) != 0.0]
     for _, layer in lora_layers(model):
-        flags = {id(p): p.requires_grad for p in layer.parameters()}
-        layer.set_adapter(active)  # PEFT toggles requires_grad here; restore it below
-        for p in layer.parameters():
-            p.requires_grad_(flags[id(p)])
+        if list(layer.active_adapters) != active:  # switching is the costly part: only if needed
+            flags = {id(p): p.requires_grad for p in layer.parameters()}
+            layer.set_adapter(active)  # PEFT toggles requires_grad here; restore it below
+            for p in layer.parameters():
+                p.requires_grad_(flags[id(p)])
         for v in active:
             layer.set_scale(v, float(weights[v]))
 
@@ -275,3 +308,74 @@ def cosine_similarity(model: nn.Module, value_a: str, value_b: str) -> dict[str,
             denom = a.norm() * b.norm()
             out[name] = float((a @ b) / denom) if denom > 0 else 0.0
     return out
+
+
+def concatenated_adapter(model: nn.Module, weights: Mapping[str, float]):
+    """One standard LoRA adapter that computes W_0 + sum_v w_v delta W_v exactly.
+
+    Per module, stack the value vectors' factors (no cross terms B_i A_j):
+    A' = [A_1; ...; A_K] (sum r_v x d_in) and B' = [w_1 s_1 B_1, ..., w_K s_K B_K]
+    (d_out x sum r_v), so that B' A' = sum_v w_v s_v B_v A_v. The adapter has r' = sum_v r_v and
+    lora_alpha = r' (scale 1). Values left out of ``weights`` get w_v = 0 (kept, so that r' is the
+    same for every w).
+
+    Args:
+        model: A model from :func:`add_value_vectors`.
+        weights: Value name -> w_v, any sign or magnitude.
+
+    Returns:
+        ``(peft.LoraConfig, state_dict)``: the state dict in PEFT's file layout (keys
+        ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``, CPU tensors), loadable with
+        ``PeftModel.from_pretrained(base, folder)`` once both are saved to ``folder``.
+
+    Raises:
+        KeyError: If ``weights`` names a value with no vector.
+        ValueError: If the model has no value vectors, or they differ in target modules or
+            use DoRA (not a plain low-rank update).
+    """
+    import math
+
+    from peft import LoraConfig
+
+    values = value_names(model)
+    unknown = [v for v in weights if v not in values]
+    if unknown:
+        raise KeyError(f"preference names {unknown} have no value vector; trained: {values}")
+    if not values:
+        raise ValueError("concatenated_adapter: the model holds no value vectors")
+    configs = [model.peft_config[v] for v in values]
+    if any(c.use_dora for c in configs):
+        raise ValueError("concatenated_adapter: DoRA adapters are not a plain low-rank update")
+    targets = {frozenset(c.target_modules) for c in configs}
+    if len(targets) != 1:
+        raise ValueError(f"value vectors adapt different modules: {sorted(map(sorted, targets))}")
+    state: dict[str, torch.Tensor] = {}
+    rank = None
+    with torch.no_grad():
+        for name, layer in lora_layers(model):
+            a_rows, b_cols = [], []
+            for v, c in zip(values, configs, strict=True):
+                if v not in layer.lora_A:
+                    raise ValueError(f"value vector {v!r} is missing at module {name}")
+                r, alpha = layer.r[v], layer.lora_alpha[v]
+                s = alpha / math.sqrt(r) if c.use_rslora else alpha / r
+                a_rows.append(layer.lora_A[v].weight.float())  # (r_v, d_in)
+                b_cols.append(float(weights.get(v, 0.0)) * s * layer.lora_B[v].weight.float())
+            a, b = torch.cat(a_rows, 0), torch.cat(b_cols, 1)  # (r', d_in), (d_out, r')
+            if rank is not None and a.shape[0] != rank:
+                raise ValueError(f"module {name}: rank {a.shape[0]} differs from {rank}")
+            rank = a.shape[0]
+            state[f"{name}.lora_A.weight"] = a.cpu().contiguous()
+            state[f"{name}.lora_B.weight"] = b.cpu().contiguous()
+    base = configs[0]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,  # scale lora_alpha / r = 1: the weights live in B'
+        lora_dropout=0.0,
+        target_modules=sorted(base.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base.base_model_name_or_path,
+        revision=base.revision,
+    )
+    return config, state

@@ -197,7 +197,10 @@ def smollm2(cache_dir: str | None = None, dtype: str = "float32") -> Backbone:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(quantised.state_dict(), strict=False)
+        result = plain.load_state_dict(quantised.state_dict(), strict=False)
+        missing = [k for k in result.missing_keys if k != "lm_head.weight"]  # tied below
+        if missing:
+            raise RuntimeError(f"{gguf.name}: tensors missing after conversion: {missing[:3]}")
         plain.tie_weights()
         from mva_lightning.io import atomic_dir
 

@@ -132,6 +132,7 @@ class MVAModule(L.LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self.mi_max_samples = mi_max_samples
         self.estimator = mi if (mi is not None and alpha > 0) else NoMI()
+        self.estimator.check_factors(lora.lora_factors(policy, self.values[0]))  # fail fast
         all_pairs = {p for s in self.stages for p in mi_pairs(self.values, s)}
         if self.estimator.has_head:
             self.mi_heads = nn.ModuleDict(
@@ -263,7 +264,8 @@ class MVAModule(L.LightningModule):
             if est.has_head and train_heads:
                 self._head_step(est, x, y)
             estimate = est(x, y)
-            if not estimate.finite:
+            # a diverged estimate (inf/NaN, flagged or not) is dropped: it must not reach .grad
+            if not (estimate.finite and bool(torch.isfinite(estimate.value))):
                 log.warning("MI estimate for %s is not finite; penalty skipped this step", pair)
                 self.log("train/mi_skipped", 1.0)
                 continue
@@ -272,17 +274,20 @@ class MVAModule(L.LightningModule):
         return total
 
     def _head_step(self, est: MIEstimator, x: dict, y: dict) -> None:
-        _, head_opt = self._optimizers()
+        # The raw torch optimizer: Lightning counts every LightningOptimizer.step() as a global
+        # step, so head updates would eat into max_steps and shift checkpoint/log intervals.
+        head_opt = self._optimizers()[1].optimizer
         detached_x = {k: t.detach() for k, t in x.items()}
         detached_y = {k: t.detach() for k, t in y.items()}
-        head_opt.zero_grad()
-        loss = est.head_loss(detached_x, detached_y)
-        loss.backward()  # plain backward: the head is not part of the DDP-reduced policy graph
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for p in est.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
-        head_opt.step()
+        for _ in range(est.head_steps):  # the adversary catches up before the policy moves
+            head_opt.zero_grad()
+            loss = est.head_loss(detached_x, detached_y)
+            loss.backward()  # plain backward: the head is not in the DDP-reduced policy graph
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                for p in est.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+            head_opt.step()
 
     @contextlib.contextmanager
     def capture_inputs(self, enabled: bool) -> Iterator[dict[str, torch.Tensor]]:

@@ -32,6 +32,34 @@ def check_config(cfg: DictConfig) -> None:
     for name, node in cfg.value.items():
         if not isinstance(node, DictConfig) or "source" not in node:
             raise ConfigError(f"value.{name}: expected a mapping with a 'source' entry")
+    _check_mi(cfg)
+
+
+def _check_mi(cfg: DictConfig) -> None:
+    """The MI penalty's settings: alpha >= 0, known features and sigma, two values to compare."""
+    from mva_lightning.mi.base import FEATURES
+
+    mi = cfg.get("mi")
+    if mi is None:
+        return
+    alpha = mi.get("alpha", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0:
+        raise ConfigError(f"mi.alpha must be a number >= 0, got {alpha!r}")
+    est = mi.get("estimator") or {}
+    features = est.get("features")
+    if features is not None and features not in FEATURES:
+        raise ConfigError(f"mi.estimator.features: expected one of {FEATURES}, got {features!r}")
+    sigma = est.get("sigma")
+    if sigma is not None and sigma != "median":
+        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0:
+            raise ConfigError(
+                f"mi.estimator.sigma: expected a number > 0 or 'median', got {sigma!r}"
+            )
+    if alpha > 0 and not str(est.get("_target_", "")).endswith("NoMI") and len(cfg.value) < 2:
+        raise ConfigError(
+            f"mi.alpha > 0 needs at least two values (the penalty is between value vectors), "
+            f"but only value={list(cfg.value)} is configured: use mi=none or mi.alpha=0"
+        )
 
 
 def load_value_splits(cfg: DictConfig) -> dict[str, Any]:
@@ -50,7 +78,9 @@ def load_value_splits(cfg: DictConfig) -> dict[str, Any]:
         if node.get("max_pairs"):
             pairs = pairs[: node.max_pairs]
         split = cfg.data.split
-        splits[name] = split_pairs(pairs, test=split.test, val=split.val, seed=split.seed)
+        splits[name] = split_pairs(
+            pairs, split.test, split.val, split.seed, split.get("by_prompt", False)
+        )
         log.info(
             "value %s: %d train / %d val / %d test pairs",
             name,
@@ -133,7 +163,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if _launch_rank() == 0:  # DDP relaunches this command per rank: one writer
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     os.environ.setdefault("WANDB_MODE", "offline")
     L.seed_everything(cfg.seed, workers=True)
 
@@ -150,6 +181,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             callbacks = [
                 instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node
             ]
+            if cfg.get("extrapolation"):  # extrapolation=none (or a null value) disables it
+                callbacks.append(instantiate(cfg.extrapolation))
             callbacks.append(
                 ModelCheckpoint(
                     dirpath=run_dir / "checkpoints" / tag,
@@ -173,6 +206,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finally:
         _finish_wandb(loggers)
     return metrics
+
+
+def _launch_rank() -> int:
+    """Global rank of this process before any Trainer exists (0 unless launched as a rank)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 def _finish_wandb(loggers: list) -> None:

@@ -16,6 +16,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Test models are tiny: one thread is faster than two fighting over a shared machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def shared_file(*parts: str) -> Path:
@@ -57,6 +63,8 @@ def compose(overrides: list[str] | None = None):
 def toy_overrides(toy_data: dict[str, Path], out: Path, *extra: str) -> list[str]:
     """Overrides for a fast run of the tiny model on the toy data, CSV logging only."""
     return [
+        "model=tiny",
+        "value=[helpful,harmless]",
         f"value.helpful.source.files=[{toy_data['helpful']}]",
         f"value.harmless.source.files=[{toy_data['harmless']}]",
         f"paths.output_dir={out}",

@@ -306,3 +306,17 @@ def test_split_pairs_no_train_left():
         split_pairs([_pair(), _pair(c="z")], test=0.5, val=0.4)
     with pytest.raises(DataError, match="no pairs"):
         split_pairs([])
+
+
+def test_split_by_prompt_is_consistent_across_values():
+    prompts = [f"\n\nHuman: q{i}\n\nAssistant:" for i in range(400)]
+    a = [PreferencePair(p, "x", "y") for p in prompts]
+    b = [PreferencePair(p, "u", "v") for p in prompts[::2]]  # another value, fewer prompts
+    sa = split_pairs(a, test=0.1, val=0.1, seed=3, by_prompt=True)
+    sb = split_pairs(b, test=0.1, val=0.1, seed=3, by_prompt=True)
+    for name in ("train", "val", "test"):
+        pa = {p.prompt for p in getattr(sa, name)}
+        pb = {p.prompt for p in getattr(sb, name)}
+        assert pb <= pa  # a prompt is in the same split for both values
+    assert 20 <= len(sa.test) <= 60 and 20 <= len(sa.val) <= 60
+    assert len(sa.train) + len(sa.val) + len(sa.test) == 400

@@ -30,7 +30,8 @@ def test_run_leaves_adapters_config_metrics_and_csv(toy_data, tmp_path):
 
 
 def test_missing_required_key_fails_fast(toy_data, tmp_path):
-    cfg = compose(toy_overrides(toy_data, tmp_path, "+value=custom"))
+    overrides = [o for o in toy_overrides(toy_data, tmp_path) if not o.startswith("value=")]
+    cfg = compose([*overrides, "value=[helpful,harmless,custom]"])
     with pytest.raises(ConfigError, match=r"value.custom.source.files"):
         train(cfg)
 

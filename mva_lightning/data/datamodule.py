@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from mva_lightning.data.collate import Tokenized, collate_pairs, tokenize_pair
 from mva_lightning.data.sources import Splits
@@ -16,21 +16,77 @@ from mva_lightning.data.sources import Splits
 SPLITS = ("train", "val", "test")
 
 
-class LengthBucketSampler(Sampler[list[int]]):
-    """Batches of similar length (less padding), in a shuffled order of batches.
+def shard(order: Sequence[int], num_replicas: int, rank: int) -> list[int]:
+    """Positions rank, rank + W, rank + 2W, ... of ``order`` (W = ``num_replicas``).
 
-    Indices are shuffled, cut into windows of ``batch_size * window`` examples, sorted by
-    length inside each window and cut into batches; the batches are then shuffled.
+    The order is first padded to a multiple of W with its own first entries, as
+    ``DistributedSampler`` does, so that every rank runs the same number of steps.
+    """
+    order = list(order)
+    if num_replicas == 1:
+        return order
+    pad = -len(order) % num_replicas
+    order += (order * (pad // max(len(order), 1) + 1))[:pad]
+    return order[rank::num_replicas]
+
+
+class _ShardedSampler(DistributedSampler):
+    """Base of our samplers: a seeded global order, this rank's share of it.
+
+    Being ``DistributedSampler`` instances, Lightning keeps them under DDP instead of wrapping
+    them in its own distributed sampler (which would reshuffle). Rank r takes every W-th index
+    of the global order, so with the per-device batch = global batch / W the W devices together
+    process exactly the batches of a single-process run (DPO losses are means over pairs and
+    DDP averages gradients, so the updates agree too).
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, window: int = 50):
-        self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size, seed, window
-        self.epoch = 0
+    def __init__(self, size: int, seed: int, num_replicas: int, rank: int) -> None:
+        # No super().__init__: it wants a dataset and an initialised process group.
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"sampler rank {rank} out of range for {num_replicas} replicas")
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.num_replicas, self.rank = num_replicas, rank
+        self.shuffle, self.drop_last = True, False
+        self.num_samples = -(-size // num_replicas)
+        self.total_size = self.num_samples * num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def order(self) -> list[int]:
+        """This epoch's global order of all ``size`` indices."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(shard(self.order(), self.num_replicas, self.rank))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class LengthBucketSampler(_ShardedSampler):
+    """Indices whose consecutive runs of ``batch_size`` have similar lengths (less padding).
+
+    Indices are shuffled, cut into windows of ``batch_size * window`` examples, sorted by
+    length inside each window and cut into batches; the batches are shuffled (a short batch, if
+    any, goes last) and flattened. ``batch_size`` is the global batch (per-device batch x W):
+    a ``DataLoader`` with the per-device batch size then yields each device's share.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        window: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(len(lengths), seed, num_replicas, rank)
+        self.lengths, self.batch_size, self.window = lengths, batch_size, window
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's global batches of ``batch_size`` indices (only the last may be short)."""
         rng = random.Random(self.seed + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
@@ -41,29 +97,25 @@ class LengthBucketSampler(Sampler[list[int]]):
             batches += [
                 chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
             ]
-        rng.shuffle(batches)
-        return iter(batches)
+        short = [b for b in batches if len(b) < self.batch_size]
+        full = [b for b in batches if len(b) == self.batch_size]
+        rng.shuffle(full)
+        return full + short
 
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+    def order(self) -> list[int]:
+        return [i for batch in self.batches() for i in batch]
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(_ShardedSampler):
     """A permutation seeded by (seed, epoch): a resumed run sees the same order as an
-    uninterrupted one (Lightning calls ``set_epoch``)."""
+    uninterrupted one (Lightning calls ``set_epoch``); under DDP, this rank's share of it."""
 
-    def __init__(self, size: int, seed: int = 0):
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(size, seed, num_replicas, rank)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
+        return torch.randperm(self.size, generator=generator).tolist()
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -138,15 +190,26 @@ class PreferenceDataModule(L.LightningDataModule):
         data = self.tokenized(value, split)
         collate = functools.partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
         kw = dict(collate_fn=collate, num_workers=self.num_workers)
+        world, rank = self.replicas()
         if split == "train" and shuffle and self.bucket_by_length:
             lengths = [
                 len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in data
             ]
-            sampler = LengthBucketSampler(lengths, self.batch_size, seed=self.seed)
-            return DataLoader(data, batch_sampler=sampler, **kw)
+            # Buckets of the global batch; each of the W devices takes every W-th index.
+            sampler = LengthBucketSampler(
+                lengths, self.batch_size * world, self.seed, num_replicas=world, rank=rank
+            )
+            return DataLoader(data, batch_size=self.batch_size, sampler=sampler, **kw)
         size = self.batch_size if split == "train" else self.eval_batch_size
-        sampler = EpochShuffleSampler(len(data), self.seed) if shuffle else None
+        sampler = EpochShuffleSampler(len(data), self.seed, world, rank) if shuffle else None
         return DataLoader(data, batch_size=size, sampler=sampler, **kw)
+
+    def replicas(self) -> tuple[int, int]:
+        """(world size, global rank) of the attached Trainer; (1, 0) without one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         return {v: self.loader(v, "train", shuffle=True) for v in self.active_values}

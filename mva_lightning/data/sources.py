@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -438,18 +439,27 @@ def clean_pairs(pairs: Iterable[PreferencePair], source: str) -> list[Preference
 
 
 def split_pairs(
-    pairs: Sequence[PreferencePair], test: float = 0.05, val: float = 0.01, seed: int = 60
+    pairs: Sequence[PreferencePair],
+    test: float = 0.05,
+    val: float = 0.01,
+    seed: int = 60,
+    by_prompt: bool = False,
 ) -> Splits:
     """Split pairs into train / validation / test by a seeded permutation.
 
     Sizes are ``round(n * fraction)``, but at least 1 when ``n >= 3`` and the fraction is
     positive; train gets the rest. The same pairs and seed always give the same split.
 
+    With ``by_prompt``, each pair's split is decided by a seeded hash of its prompt instead:
+    fractions hold only approximately, but a prompt lands in the same split for every value
+    (values built on one prompt set, like the embedded default, then share held-out prompts).
+
     Args:
         pairs: Pairs to split.
         test: Test fraction, in ``[0, 1)``.
         val: Validation fraction, in ``[0, 1)``.
-        seed: Seed of the ``random.Random`` permutation.
+        seed: Seed of the ``random.Random`` permutation (or of the prompt hash).
+        by_prompt: Assign splits by prompt hash (consistent across values).
 
     Returns:
         The three disjoint splits, each in permuted order.
@@ -471,6 +481,8 @@ def split_pairs(
         k = round(n * frac)
         return max(k, 1) if n >= 3 and frac > 0 else k
 
+    if by_prompt:
+        return _split_by_prompt(pairs, test, val, seed)
     n_test, n_val = size(test), size(val)
     if n_test + n_val >= n:
         raise DataError(
@@ -484,3 +496,16 @@ def split_pairs(
         val=picked[n_test : n_test + n_val],
         test=picked[:n_test],
     )
+
+
+def _split_by_prompt(
+    pairs: Sequence[PreferencePair], test: float, val: float, seed: int
+) -> Splits:
+    out = Splits(train=[], val=[], test=[])
+    for pair in pairs:
+        digest = hashlib.sha256(f"{seed}:{pair.prompt}".encode()).digest()
+        u = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+        (out.test if u < test else out.val if u < test + val else out.train).append(pair)
+    if not out.train:
+        raise DataError(f"split_pairs: {len(pairs)} pairs by prompt leave no training pair")
+    return out

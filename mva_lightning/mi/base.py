@@ -11,10 +11,15 @@ A new estimator is one file in this package plus one config in ``conf/mi/``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from mva_lightning.lora import LoraFactors
 
 FEATURES = ("lora_a", "delta_w", "activations")
 
@@ -43,6 +48,7 @@ class MIEstimator(nn.Module):
     """
 
     features: str = "lora_a"
+    head_steps: int = 1  # head updates per training step (estimators with a network)
 
     def __init__(self, features: str = "lora_a") -> None:
         super().__init__()
@@ -61,6 +67,13 @@ class MIEstimator(nn.Module):
     def head_loss(self, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
         """Loss for the estimator's own parameters (none by default)."""
         raise NotImplementedError(f"{type(self).__name__} has no statistics network")
+
+    def check_factors(self, factors: Mapping[str, LoraFactors]) -> None:
+        """Raise a clear error, before training, if the value vectors' shapes cannot work.
+
+        Called once by the LightningModule with one value's factors (module -> A, B); the
+        default accepts everything. Estimators with fixed input widths (MINE) override it.
+        """
 
 
 def check_pairs(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> None:

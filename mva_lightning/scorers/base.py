@@ -33,3 +33,34 @@ def check_scores(scores: Sequence[float], expected: int, name: str) -> list[floa
     if bad:
         raise ScorerError(f"scorer {name!r} returned non-finite scores at rows {bad[:5]}")
     return scores
+
+
+class ScorerUnavailable(RuntimeError):
+    """A scorer cannot be loaded (no hub access, a missing package); the message says what to do."""
+
+
+def check_inputs(prompts: Sequence[str], responses: Sequence[str], name: str) -> None:
+    """Validate a scorer's input: as many prompts as responses, all strings."""
+    if len(prompts) != len(responses):
+        raise ScorerError(
+            f"scorer {name!r} got {len(prompts)} prompts and {len(responses)} responses; "
+            "expected one prompt per response"
+        )
+    for what, texts in (("prompt", prompts), ("response", responses)):
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ScorerError(
+                    f"scorer {name!r}: {what} {i} is a {type(text).__name__}, expected a string"
+                )
+
+
+def score(scorer: Scorer, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """Call any scorer and validate both sides of the contract (use it on third-party scorers).
+
+    Raises:
+        ScorerError: Mismatched inputs, or a wrong count / non-finite value in the output; the
+            message names the scorer.
+    """
+    name = getattr(scorer, "name", None) or getattr(scorer, "__name__", type(scorer).__name__)
+    check_inputs(prompts, responses, name)
+    return check_scores(scorer(prompts, responses), len(responses), name)

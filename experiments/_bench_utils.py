@@ -1,0 +1,231 @@
+"""Helpers shared by the benchmarks: one child process per measured point, timing, tables.
+
+Every measured point runs in its own child process (``python <script> --child '<json>'``) so that
+its peak resident memory (``ru_maxrss``) belongs to that point alone; the child prints one JSON
+line that starts with :data:`RESULT_TAG`, which the parent reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RESULT_TAG = "BENCH_RESULT "
+CHILD_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+    "WANDB_SILENT": "true",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_average() -> float:
+    """One-minute load average (the machine is shared: a high value means noisy timings)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Child side: print the result line the parent parses (peak RSS added here, at the end)."""
+    result = {**result, "peak_rss_mib": round(peak_rss_mib(), 1)}
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def run_child(script: str | Path, spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
+    """Run ``script --child <spec>`` in a fresh interpreter and return its result dict.
+
+    Raises:
+        RuntimeError: The child failed or printed no result; the message holds its output tail.
+    """
+    env = {**os.environ, **CHILD_ENV}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(script), "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        raise RuntimeError(f"child {spec.get('name')} failed (rc {proc.returncode}):\n{tail}")
+    result = json.loads(lines[-1][len(RESULT_TAG) :])
+    result["process_wall_s"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+class StepClock:
+    """Wall-clock marks at the start and end of each optimizer step.
+
+    Throughput excludes the first ``warmup`` steps: it is measured from the end of the last
+    warm-up step to the end of the last step, so data loading and per-step framework overhead
+    between steps count, and one-off set-up does not.
+    """
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.tokens: list[int] = []
+        self.losses: list[float] = []
+        self.cpu_ends: list[float] = []
+
+    def start(self) -> None:
+        self.starts.append(time.perf_counter())
+
+    def end(self, response_tokens: int, loss: float) -> None:
+        self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
+        self.tokens.append(int(response_tokens))
+        self.losses.append(float(loss))
+
+    def summary(self, t_ready: float) -> dict[str, Any]:
+        """Steps/s, response tokens/s, set-up time (``t_ready`` to the first step), losses."""
+        n, w = len(self.ends), self.warmup
+        if w < 1 or n <= w:
+            raise RuntimeError(f"ran {n} steps with warmup={w}: need 1 <= warmup < steps")
+        span, timed = self.ends[-1] - self.ends[w - 1], n - w
+        return {
+            "steps": n,
+            "timed_steps": timed,
+            "steps_per_s": timed / span,
+            "s_per_step": span / timed,
+            "response_tokens_per_s": sum(self.tokens[w:]) / span,
+            # CPU seconds of all this process's threads per step: less sensitive to other
+            # processes on a shared machine than wall time (but counts threads' spin-waits).
+            "cpu_s_per_step": (self.cpu_ends[-1] - self.cpu_ends[w - 1]) / timed,
+            "setup_s": self.starts[0] - t_ready,
+            "first_loss": self.losses[0],
+            "last_loss": self.losses[-1],
+        }
+
+
+def _lightning_callback_base():
+    try:
+        import lightning as L
+    except ImportError:  # the TRL side never needs it
+        return object
+    return L.Callback
+
+
+class LightningClock(_lightning_callback_base()):
+    """Lightning callback: a :class:`StepClock` over training batches, plus side measurements.
+
+    The last instance is kept in ``LightningClock.last`` (``train(cfg)`` builds it from config).
+    After training it records the LoRA A checksum at the start (same seeded init as TRL?) and
+    the cost of one ``lora.set_weights`` call, which the module makes before every forward.
+    """
+
+    last: LightningClock | None = None
+
+    def __init__(self, warmup: int = 1) -> None:
+        self.clock = StepClock(warmup)
+        self.extra: dict[str, Any] = {}
+        LightningClock.last = self
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        policy = pl_module.policy
+        self.extra["lora_a_checksum"] = float(
+            sum(p.double().sum() for n, p in policy.named_parameters() if "lora_A" in n)
+        )
+        self.extra["lora_b_zero_init"] = all(
+            bool((p == 0).all()) for n, p in policy.named_parameters() if "lora_B" in n
+        )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.clock.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        tokens = sum(int(b["response_tokens"]) for b in batch.values())
+        self.clock.end(tokens, float(loss))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from mva_lightning import lora
+
+        value = pl_module.stage_values[0]
+        n = 20
+        start = time.perf_counter()
+        for i in range(n):
+            lora.set_weights(pl_module.policy, {value: 1.0 + (i % 2)})
+        self.extra["set_weights_ms"] = 1e3 * (time.perf_counter() - start) / n
+        self.extra["lora_layers"] = len(lora.lora_layers(pl_module.policy))
+
+
+class FitTimer(_lightning_callback_base()):
+    """Lightning callback: wall seconds and steps of each ``trainer.fit`` (one per stage).
+
+    ``train(cfg)`` builds a fresh instance per stage; they share the class-level lists of the
+    last-created run (``FitTimer.last``).
+    """
+
+    last: FitTimer | None = None
+
+    def __init__(self) -> None:
+        if FitTimer.last is None:
+            FitTimer.last = self
+        self.run = FitTimer.last
+        if self.run is self:
+            self.seconds: list[float] = []
+            self.steps: list[int] = []
+        self._start = 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.run.seconds.append(time.perf_counter() - self._start)
+        self.run.steps.append(int(trainer.global_step))
+
+
+def median(xs: Sequence[float]) -> float:
+    """Median, NaN for an empty list."""
+    return statistics.median(xs) if xs else float("nan")
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average_1min": load_average(),
+    }
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of the given columns (floats to 3 significant digits)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,453 @@
+"""LoRA DPO training speed: mva_lightning vs TRL's ``DPOTrainer`` on the same job.
+
+The same job on both sides: base model, LoRA (rank, alpha, target modules, zero-init B, the same
+seeded A), reference = the base model (adapters off), pairs (identical token ids, checked),
+batch, max lengths, number of steps, seed, AdamW at a constant learning rate, gradient clipping
+at 1. Configurations alternate (ours, TRL, ours, TRL, ...) over repetitions, each in its own
+child process so that peak RSS is per configuration. The first ``warmup`` steps are excluded
+from throughput; set-up (model load, tokenisation, reference pre-computation) is reported apart.
+
+TRL settings: its default (``bf16=True``: emulated on most CPUs, about 10x slower, so it runs
+few steps), ``bf16=False``, and ``bf16=False`` with ``precompute_ref_log_probs=True``; gradient
+checkpointing off in all three. The headline ratio is against TRL's best.
+
+Ours: ``train(cfg)`` (the code path ``python -m mva_lightning`` runs) with one value, plus one
+configuration per lever (each switched on its own; see ``LEVERS``).
+
+Usage::
+
+    python experiments/bench_train.py                       # tiny and SmolLM2-135M
+    python experiments/bench_train.py --models tiny --reps 3
+    python experiments/bench_train.py --quick               # smoke size (tests)
+
+Writes ``experiments/results/bench_train.json`` (or ``--out``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+T_START = time.perf_counter()
+
+import _bench_utils as bu  # noqa: E402  (the script's folder is on sys.path)
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_OUT = HERE / "results" / "bench_train.json"
+
+# Job sizes. tiny: conf/model/tiny.yaml (2 layers, 64 wide, 259-token byte vocabulary);
+# smollm2: SmolLM2-135M-Instruct (30 layers, 576 wide, 49k vocabulary), fp32.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "batch": 8,
+        "max_length": 128,
+        "max_prompt_length": 64,
+        "steps": 22,
+        "warmup": 2,
+        "bf16_steps": 5,
+    },
+    "smollm2": {
+        "batch": 4,
+        "max_length": 128,
+        "max_prompt_length": 64,
+        "steps": 11,
+        "warmup": 1,
+        "bf16_steps": 2,
+    },
+}
+QUICK = {"batch": 2, "max_length": 48, "max_prompt_length": 24, "steps": 3, "warmup": 1}
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+LR, SEED, BETA = 1e-4, 60, 0.1
+
+# Our levers: config overrides, each measured on its own against "ours" (all levers at default).
+LEVERS: dict[str, list[str]] = {
+    "ours": [],
+    "ours/no-precompute-ref": ["train.precompute_reference=false"],
+    "ours/head-on-all-positions": ["train.head_on_response_only=false"],
+    "ours/bucket-by-length": ["data.loader.bucket_by_length=true"],
+    "ours/no-logger": ["~logger"],
+}
+TRL_CONFIGS: dict[str, dict[str, bool]] = {
+    "trl/bf16(default)": {"bf16": True, "precompute_ref_log_probs": False},
+    "trl/fp32": {"bf16": False, "precompute_ref_log_probs": False},
+    "trl/fp32+precompute-ref": {"bf16": False, "precompute_ref_log_probs": True},
+}
+
+WORDS = (
+    "the of and to in is you that it he was for on are as with his they at be this have from "
+    "or one had by word but not what all were we when your can said there use an each which "
+    "she do how their if will up other about out many then them these so some her would make "
+    "like him into time has look two more write go see number no way could people my than "
+    "first water been call who oil its now find long down day did get come made may part"
+).split()
+
+
+# --------------------------------------------------------------------------- data
+def load_tokenizer(model: str):
+    """The tokenizer of the benchmarked model (SmolLM2 is converted and cached on first use)."""
+    from mva_lightning import models
+
+    if model == "tiny":
+        return models.byte_tokenizer()
+    return models.smollm2().tokenizer
+
+
+def make_pairs(tokenizer, n: int, max_length: int, max_prompt_length: int, seed: int) -> list:
+    """``n`` synthetic pairs whose prompt + longer response fill 50-100 % of ``max_length``.
+
+    Prompts end with ``"Answer:"`` and responses start with a space, so tokenising prompt and
+    response apart (ours) or together (TRL) gives the same ids; nothing is truncated.
+    """
+    rng = random.Random(seed)
+
+    def text(target: int, start: str) -> str:
+        out = start
+        while True:
+            longer = out + " " + rng.choice(WORDS)
+            if len(tokenizer(longer, add_special_tokens=False)["input_ids"]) > target:
+                return out
+            out = longer
+
+    rows = []
+    for i in range(n):
+        p_len = rng.randint(max_prompt_length // 2, max_prompt_length - 4)
+        prompt = text(p_len - 3, f"Q{i}:") + "\nAnswer:"
+        room = max_length - len(tokenizer(prompt)["input_ids"]) - 1  # eos
+        c_len, r_len = rng.randint(room // 4, room), rng.randint(room // 4, room)
+        rows.append({"prompt": prompt, "chosen": text(c_len, ""), "rejected": text(r_len, "")})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    with path.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def our_token_ids(rows: list[dict], tokenizer, spec: dict) -> list[tuple]:
+    from mva_lightning.data.collate import tokenize_pair
+    from mva_lightning.data.sources import PreferencePair
+
+    out = []
+    for i, row in enumerate(rows):
+        t = tokenize_pair(
+            PreferencePair(**row), i, tokenizer, spec["max_length"], spec["max_prompt_length"]
+        )
+        out.append((t.prompt_ids, t.chosen_ids, t.rejected_ids))
+    return out
+
+
+def lora_a_checksum(model, tag: str) -> float:
+    """Sum of every LoRA A entry (in parameter order): equal sums mean the same seeded init."""
+    return float(sum(p.double().sum() for n, p in model.named_parameters() if tag in n))
+
+
+def lora_b_is_zero(model) -> bool:
+    return all(bool((p == 0).all()) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+# --------------------------------------------------------------------------- children
+def child_ours(spec: dict) -> dict:
+    """``train(cfg)`` on one value with a step clock callback; returns the measurements."""
+    sys.path.insert(0, str(HERE))
+    from hydra import compose, initialize_config_dir
+
+    from mva_lightning.train import train
+
+    t_ready = time.perf_counter()
+    out_dir = Path(spec["tmp"]) / "run"
+    overrides = [
+        "value=custom",
+        f"value.custom.source.files=[{spec['data']}]",
+        f"model={spec['model']}",
+        "model.lora.lora_dropout=0.0",
+        f"model.lora.r={LORA['r']}",
+        f"model.lora.lora_alpha={LORA['lora_alpha']}",
+        "logger=csv",
+        "callbacks=none",
+        "mi=none",
+        "~extrapolation",
+        f"paths.output_dir={out_dir}",
+        "data.split.test=0",
+        "data.split.val=0",
+        f"data.loader.batch_size={spec['batch']}",
+        f"data.loader.max_length={spec['max_length']}",
+        f"data.loader.max_prompt_length={spec['max_prompt_length']}",
+        f"trainer.max_steps={spec['steps']}",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        f"optimizer.lr={LR}",
+        f"train.beta={BETA}",
+        "train.gradient_clip_val=1.0",
+        f"seed={SEED}",
+        "+callbacks.clock._target_=_bench_utils.LightningClock",
+        f"+callbacks.clock.warmup={spec['warmup']}",
+        *spec["overrides"],
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    train(cfg)
+    clock = bu.LightningClock.last
+    return {**clock.clock.summary(t_ready), **clock.extra}
+
+
+def child_trl(spec: dict) -> dict:
+    """TRL's DPOTrainer with PEFT LoRA on the same job; checks tokens, init and reference."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from mva_lightning import models
+
+    t_ready = time.perf_counter()
+    clock = bu.StepClock(spec["warmup"])
+    if spec["model"] == "tiny":
+        backbone = models.tiny_llama()
+    else:
+        backbone = models.smollm2()
+    rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
+
+    class Trainer(DPOTrainer):
+        """Records each step's loss and response-token count (no extra sync on the CPU)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = out[0] if isinstance(out, tuple) else out
+            self._bench_step = (int(inputs["completion_mask"].sum()), float(loss.detach()))
+            return out
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            clock.end(*trainer._bench_step)
+
+    args = DPOConfig(
+        output_dir=str(Path(spec["tmp"]) / "trl"),
+        per_device_train_batch_size=spec["batch"],
+        max_steps=spec["steps"],
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=BETA,
+        max_length=spec["max_length"],
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to="none",
+        seed=SEED,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **spec["trl"],
+    )
+    peft_config = LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["lora_alpha"],
+        lora_dropout=0.0,
+        target_modules=LORA["target_modules"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    trainer = Trainer(
+        model=backbone.model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=backbone.tokenizer,
+        peft_config=peft_config,
+    )
+    model = trainer.model
+    ours = our_token_ids(rows, backbone.tokenizer, spec)
+    data = trainer.train_dataset
+    theirs = list(zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"], strict=True))
+    extra = {
+        "tokens_match_ours": [tuple(map(list, t)) for t in theirs] == [tuple(t) for t in ours],
+        "lora_b_zero_init": lora_b_is_zero(model),
+        "lora_a_checksum": lora_a_checksum(model, "lora_A.default"),
+        "reference": "adapters disabled" if trainer.ref_model is None else "separate model",
+        "ref_adapter": "ref" in getattr(model, "peft_config", {}),
+    }
+    trainer.add_callback(Clock())
+    trainer.train()
+    return {**clock.summary(t_ready), **extra}
+
+
+def child(spec: dict) -> None:
+    import torch
+
+    torch.manual_seed(SEED)
+    t_import = time.perf_counter()
+    result = child_trl(spec) if spec["side"] == "trl" else child_ours(spec)
+    result.update(name=spec["name"], side=spec["side"], model=spec["model"])
+    result["start_to_ready_s"] = t_import - T_START
+    bu.emit(result)
+
+
+# --------------------------------------------------------------------------- parent
+def plan(model: str, size: dict, reps: int, names: list[str] | None) -> list[dict]:
+    """Child specs in alternating order: ours, TRL, our lever, TRL, ... per repetition."""
+    ours = [n for n in LEVERS if not names or n in names]
+    trl = [n for n in TRL_CONFIGS if not names or n in names]
+    specs = []
+    for rep in range(reps):
+        order = []
+        for i in range(max(len(ours), len(trl))):
+            if i < len(ours):
+                order.append(("ours", ours[i]))
+            if i < len(trl):
+                order.append(("trl", trl[i]))
+        for side, name in order:
+            spec = {"side": side, "name": name, "model": model, "rep": rep, **size}
+            if side == "ours":
+                spec["overrides"] = LEVERS[name]
+            else:
+                spec["trl"] = TRL_CONFIGS[name]
+                if spec["trl"]["bf16"]:
+                    if rep > 0:  # one run is enough to show it; it is ~10x slower
+                        continue
+                    spec["steps"] = min(spec["steps"], size.get("bf16_steps", spec["steps"]))
+            specs.append(spec)
+    return specs
+
+
+def summarise(results: list[dict]) -> dict[str, Any]:
+    """Median over repetitions per configuration, and the ratios ours / TRL."""
+    by_name: dict[str, list[dict]] = {}
+    for r in results:
+        by_name.setdefault(r["name"], []).append(r)
+    rows = []
+    for name, runs in by_name.items():
+        row = {"config": name, "side": runs[0]["side"], "runs": len(runs)}
+        for key in (
+            "steps_per_s",
+            "s_per_step",
+            "cpu_s_per_step",
+            "response_tokens_per_s",
+            "peak_rss_mib",
+            "setup_s",
+            "first_loss",
+            "last_loss",
+        ):
+            row[key] = bu.median([r[key] for r in runs])
+        row["steps"] = runs[0]["steps"]
+        rows.append(row)
+    ours = next((r for r in rows if r["config"] == "ours"), None)
+    trl = [r for r in rows if r["side"] == "trl"]
+    for row in rows:
+        if ours is not None:
+            row["ours_speedup_vs_this"] = ours["steps_per_s"] / row["steps_per_s"]
+    out: dict[str, Any] = {"rows": rows}
+    if ours is not None and trl:
+        best = max(trl, key=lambda r: r["steps_per_s"])
+        out["headline"] = {
+            "best_trl": best["config"],
+            "speedup_vs_best_trl": ours["steps_per_s"] / best["steps_per_s"],
+            "tokens_per_s_ratio": ours["response_tokens_per_s"] / best["response_tokens_per_s"],
+            "peak_rss_ratio": ours["peak_rss_mib"] / best["peak_rss_mib"],
+            "first_loss_ours": ours["first_loss"],
+            "first_loss_trl": [r["first_loss"] for r in trl],
+            "ln2": math.log(2),
+        }
+    return out
+
+
+def checks(results: list[dict]) -> dict[str, Any]:
+    """Same job on both sides: token ids, zero-init B, same seeded A, step-0 loss ln 2."""
+    trl = [r for r in results if r["side"] == "trl"]
+    ours = [r for r in results if r["side"] == "ours"]
+    ln2 = math.log(2)
+    return {
+        "tokens_match": all(r["tokens_match_ours"] for r in trl),
+        "trl_lora_b_zero_init": all(r["lora_b_zero_init"] for r in trl),
+        "trl_reference": sorted({r["reference"] for r in trl}),
+        "same_lora_a_init": len({round(r["lora_a_checksum"], 6) for r in trl + ours}) == 1,
+        "first_loss_is_ln2": all(abs(r["first_loss"] - ln2) < 1e-4 for r in trl + ours),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,smollm2", help="comma list: tiny,smollm2")
+    parser.add_argument("--reps", type=int, default=2, help="repetitions per configuration")
+    parser.add_argument("--configs", default="", help="comma list of config names (default all)")
+    parser.add_argument("--quick", action="store_true", help="smoke size: a few tiny steps")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return {}
+
+    from mva_lightning.io import write_json
+
+    names = [n for n in args.configs.split(",") if n]
+    report: dict[str, Any] = {"machine": bu.machine(), "command": " ".join(sys.argv), "models": {}}
+    for model in args.models.split(","):
+        size = {**SIZES[model], **(QUICK if args.quick else {})}
+        if args.quick:
+            size["bf16_steps"] = 2
+        tokenizer = load_tokenizer(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            n_pairs = size["batch"] * size["steps"]
+            rows = make_pairs(tokenizer, n_pairs, size["max_length"], size["max_prompt_length"], 0)
+            data = write_jsonl(rows, Path(tmp) / "pairs.jsonl")
+            results = []
+            for spec in plan(model, size, args.reps, names):
+                spec.update(data=str(data), tmp=tempfile.mkdtemp(dir=tmp))
+                load = bu.load_average()
+                r = bu.run_child(Path(__file__), spec)
+                r.update(rep=spec["rep"], load_before=load)
+                results.append(r)
+                print(
+                    f"[{model}] {r['name']:<28} rep {spec['rep']}: {r['steps_per_s']:.3f} steps/s "
+                    f"{r['response_tokens_per_s']:.0f} tok/s, rss {r['peak_rss_mib']:.0f} MiB, "
+                    f"setup {r['setup_s']:.1f} s, loss0 {r['first_loss']:.5f} (load {load:.1f})",
+                    flush=True,
+                )
+        summary = summarise(results)
+        report["models"][model] = {
+            "size": size,
+            "lora": LORA,
+            "lr": LR,
+            "seed": SEED,
+            "checks": checks(results),
+            **summary,
+            "runs": results,
+        }
+        cols = [
+            "config",
+            "runs",
+            "steps",
+            "steps_per_s",
+            "cpu_s_per_step",
+            "response_tokens_per_s",
+            "peak_rss_mib",
+            "setup_s",
+            "first_loss",
+            "ours_speedup_vs_this",
+        ]
+        print(f"\n== {model}: {json.dumps(size)}")
+        print(bu.table(summary["rows"], cols))
+        print("checks:", json.dumps(report["models"][model]["checks"]))
+        if "headline" in summary:
+            print("headline:", json.dumps(summary["headline"]))
+    report["machine"]["load_average_1min_end"] = bu.load_average()
+    write_json(args.out, report)
+    print(f"\nwrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Objectives: implicit-reward accuracy and margin (reference once: the base), generation."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from mva_lightning import lora
+from mva_lightning.data.collate import collate_pairs
+from mva_lightning.data.datamodule import PreferenceDataModule
+from mva_lightning.data.sources import PreferencePair, Splits
+from mva_lightning.evaluation import GenerationScore, ImplicitReward
+from mva_lightning.generation import generate
+from mva_lightning.logps import response_logps
+from mva_lightning.models import tiny_llama
+from mva_lightning.scorers.base import ScorerError
+
+VALUES = ["helpful", "harmless"]
+
+
+def make_policy(values=VALUES, seed=0):
+    """A tiny policy whose value vectors are random (non-zero B): each one moves the model."""
+    backbone = tiny_llama(seed=1)
+    policy = lora.add_value_vectors(copy.deepcopy(backbone.model), values, r=4, lora_alpha=8)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(policy):
+            for v in values:
+                w = layer.lora_B[v].weight
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.5)
+    return policy.eval(), backbone
+
+
+def _pairs(value, n, offset):
+    good, bad = ("Here is how.", "No.") if value == "helpful" else ("I cannot.", "Sure!")
+    return [
+        PreferencePair(f"\n\nHuman: item {offset + i}?\n\nAssistant:", f" {good} {i}", f" {bad}")
+        for i in range(n)
+    ]
+
+
+def make_datamodule(tokenizer, values=VALUES, n_val=6, n_test=4):
+    """Held-out pairs per value (val prompts shared across values, to test deduplication)."""
+    splits = {
+        v: Splits(train=_pairs(v, 4, 100), val=_pairs(v, n_val, 0), test=_pairs(v, n_test, 50))
+        for v in values
+    }
+    return PreferenceDataModule(
+        splits, tokenizer, eval_batch_size=4, max_length=48, max_prompt_length=24
+    )
+
+
+@pytest.fixture(scope="module")
+def setup():
+    policy, backbone = make_policy()
+    return policy, make_datamodule(backbone.tokenizer)
+
+
+def _margins_by_hand(policy, dm, value, weights, beta):
+    """beta * ([log pi_w - log pi_0](chosen) - [...](rejected)) per pair, computed directly."""
+    batch = collate_pairs(dm.tokenized(value, "val"), dm.tokenizer.pad_token_id)
+    args = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    with torch.no_grad():
+        lora.set_weights(policy, {})
+        ref = response_logps(policy, *args)
+        lora.set_weights(policy, weights)
+        pol = response_logps(policy, *args)
+    chosen, rejected = (beta * (pol - ref)).chunk(2)
+    return chosen - rejected
+
+
+def test_implicit_reward_matches_hand_computation(setup):
+    policy, dm = setup
+    weights = {"helpful": 1.5, "harmless": -0.5}
+    objective = ImplicitReward(beta=0.1)
+    lora.set_weights(policy, weights)
+    got = objective.score(policy, dm, VALUES)
+    for v in VALUES:
+        margins = _margins_by_hand(policy, dm, v, weights, 0.1)
+        assert got[v] == pytest.approx(float((margins > 0).float().mean()))
+        assert got[f"{v}/margin"] == pytest.approx(float(margins.mean()), abs=1e-6)
+    assert got["helpful/margin"] != 0.0  # the value vectors do move the model
+    lora.set_weights(policy, weights)
+    doubled = ImplicitReward(beta=0.2).score(policy, dm, VALUES)
+    assert doubled["helpful/margin"] == pytest.approx(2 * got["helpful/margin"], rel=1e-5)
+    assert doubled["helpful"] == got["helpful"]
+
+
+def test_reference_is_the_base_and_computed_once(setup):
+    policy, dm = setup
+    objective = ImplicitReward(beta=0.1)
+    calls = []
+    hook = policy.get_base_model().model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        lora.set_weights(policy, {"helpful": 1.0})  # a trained policy is active at prepare time
+        objective.score(policy, dm, VALUES)
+        first = len(calls)  # reference + policy forwards: 2 values x 2 batches each
+        lora.set_weights(policy, {})
+        base = objective.score(policy, dm, VALUES)
+        second = len(calls) - first
+    finally:
+        hook.remove()
+    assert first == 8 and second == 4  # the second candidate needs no reference forward
+    for v in VALUES:  # pi_w = pi_0 at w = 0: every implicit reward is exactly 0
+        assert base[v] == 0.0 and base[f"{v}/margin"] == 0.0
+    assert lora.get_weights(policy) == {"helpful": 0.0, "harmless": 0.0}
+
+
+def test_implicit_reward_validation(setup):
+    policy, dm = setup
+    empty = make_datamodule(dm.tokenizer, n_val=0)
+    with pytest.raises(ValueError, match=r"values \['helpful', 'harmless'\] have no 'val' pairs"):
+        ImplicitReward().validate(empty, VALUES)
+    with pytest.raises(KeyError, match="no data for value 'humor'"):
+        ImplicitReward().validate(dm, ["helpful", "humor"])
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        ImplicitReward(beta=0)
+    assert ImplicitReward(max_pairs=2).for_split("test").settings()["split"] == "test"
+
+
+class LengthScorer:
+    """Score = number of characters of the response; records what it saw."""
+
+    name = "length"
+
+    def __init__(self, result=None):
+        self.seen, self.result = [], result
+
+    def __call__(self, prompts, responses):
+        self.seen.append((list(prompts), list(responses)))
+        return self.result if self.result is not None else [float(len(r)) for r in responses]
+
+
+def test_generation_score_uses_a_shared_deduplicated_prompt_set(setup):
+    policy, dm = setup
+    scorers = {"helpful": LengthScorer(), "harmless": LengthScorer()}
+    objective = GenerationScore(scorers, num_prompts=4, max_new_tokens=5, batch_size=3)
+    objective.validate(dm, VALUES)
+    lora.set_weights(policy, {"helpful": 1.0})
+    got = objective.score(policy, dm, VALUES)
+    prompts, responses = scorers["helpful"].seen[0]
+    # val prompts are the same for both values: 6 unique, the first 4 kept, in order
+    assert prompts == [f"\n\nHuman: item {i}?\n\nAssistant:" for i in range(4)]
+    assert scorers["harmless"].seen[0] == (prompts, responses)
+    assert responses == generate(
+        policy, dm.tokenizer, prompts, max_new_tokens=5, max_prompt_length=dm.max_prompt_length
+    )
+    assert got["helpful"] == pytest.approx(sum(len(r) for r in responses) / 4)
+    assert math.isfinite(got["harmless/std"])
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        ([1.0], r"scorer 'length' returned 1 scores for 2 responses"),
+        ([1.0, float("nan")], r"scorer 'length' returned non-finite scores at rows \[1\]"),
+        (RuntimeError("model offline"), r"scorer 'length' \(value 'harmless'\) failed: model"),
+    ],
+)
+def test_scorer_errors_name_the_scorer(setup, result, message):
+    policy, dm = setup
+
+    class Broken(LengthScorer):
+        def __call__(self, prompts, responses):
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+    scorers = {"helpful": LengthScorer(), "harmless": Broken()}
+    objective = GenerationScore(scorers, num_prompts=2, max_new_tokens=2)
+    with pytest.raises(ScorerError, match=message):
+        objective.score(policy, dm, VALUES)
+
+
+def test_generation_score_needs_one_scorer_per_value(setup):
+    _, dm = setup
+    with pytest.raises(ValueError, match=r"missing \['harmless'\], unknown \['humor'\]"):
+        GenerationScore({"helpful": LengthScorer(), "humor": LengthScorer()}).validate(dm, VALUES)

@@ -1,0 +1,77 @@
+"""Every experiment config composes and runs a fast_dev_run on the tiny model with local data."""
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, compose, shared_file
+
+from mva_lightning.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+FAST = [
+    "model=tiny",
+    "trainer=cpu",
+    "+trainer.fast_dev_run=true",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "data.loader.max_length=64",
+    "data.loader.max_prompt_length=40",
+    "data.loader.batch_size=2",
+]
+SWEEP = [
+    "extrapolation.candidates.mode=explicit",
+    "extrapolation.candidates.vectors=[[0.5,0.5],[1.0,1.5]]",
+    "extrapolation.report_split=null",
+]
+GEN = ["extrapolation.objective.num_prompts=2", "extrapolation.objective.max_new_tokens=4"]
+
+
+def _hh(value: str, part: str) -> list[str]:
+    path = shared_file("hh-rlhf", f"{part}-base-test.jsonl.gz")
+    return [f"value.{value}.source.files=[{path}]", f"value.{value}.source.max_rows=60"]
+
+
+def _overrides(name: str, tmp: Path) -> list[str]:
+    common = [f"+experiment={name}", f"paths.output_dir={tmp / 'run'}", *FAST]
+    offline = ["scorer@value.helpful.scorer=relevance", "scorer@value.harmless.scorer=harmlessness"]
+    if name == "hh_2values":
+        return common + _hh("helpful", "helpful") + _hh("harmless", "harmless") + offline + SWEEP + GEN
+    if name == "hh_3values":
+        humor_file = shared_file("hh-rlhf", "helpful-base-test.jsonl.gz")
+        three = SWEEP[:1] + ["extrapolation.candidates.vectors=[[0.5,0.5,0.5],[1,1,1.5]]", SWEEP[2]]
+        return (
+            common + _hh("helpful", "helpful") + _hh("harmless", "harmless") + offline + three + GEN
+            + ["scorer@value.humor.source.scorer=sentiment",
+               f"value.humor.source.source.files=[{humor_file}]",
+               "value.humor.source.source.max_rows=60"]
+        )
+    if name == "beavertails_2values":
+        pku = shared_file("pku-saferlhf", "sample-17.jsonl")
+        return common + SWEEP + GEN + [
+            f"value.pku_helpful.source.files=[{pku}]", f"value.pku_harmless.source.files=[{pku}]",
+            "scorer@value.pku_helpful.scorer=relevance",
+            "scorer@value.pku_harmless.scorer=harmlessness",
+            "data.split.test=0.2", "data.split.val=0.2", "data.split.by_prompt=false",
+        ]
+    if name.startswith("embedded"):
+        small = [f"value.{v}.source.{k}" for v in ("helpful", "harmless", "positive")
+                 for k in ("num_samples=2", "max_new_tokens=6", "margin=-1.0",
+                           "chat_template=false")]
+        return common + small + [
+            "data.loader.chat_template=false",
+            "extrapolation.candidates.values=[0.0,1.0]", "extrapolation.report_split=null", *GEN,
+        ]
+    raise AssertionError(f"no test overrides for experiment {name!r}: add them here")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_runs_fast_dev_run(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("MVA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    metrics = train(compose(_overrides(name, tmp_path)))
+    assert (out / "config.yaml").is_file()
+    cfg = compose(_overrides(name, tmp_path))
+    for value in cfg.value:
+        assert (out / "adapters" / value / "adapter_model.safetensors").is_file()
+    assert (out / "extrapolation" / "pareto.csv").is_file()
+    assert "pareto/hypervolume" in metrics

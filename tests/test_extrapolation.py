@@ -1,0 +1,288 @@
+"""The extrapolation sweep and callback: front, checkpoints, manifest, resume, bad input, runs."""
+
+import csv
+import json
+import time
+
+import pytest
+import torch
+from conftest import compose, toy_overrides
+from peft import PeftModel
+from test_evaluation import VALUES, make_datamodule, make_policy
+
+from mva_lightning import lora
+from mva_lightning.evaluation import ImplicitReward, Objective
+from mva_lightning.extrapolate import ExtrapolationResult, extrapolate, main, w_label
+from mva_lightning.models import tiny_llama
+from mva_lightning.train import train
+
+# Hand-made scores: (1, 0), (0, 1) and (0.5, 0.5) are non-dominated, (0.4, 0.4) is dominated by
+# (0.5, 0.5). With the base (0, 0) as reference the boxes [0,1]x[0,.2], [0,.2]x[0,1], [0,.6]^2
+# cover 0.2 + 0.2 + 0.36 - (0.04 + 0.12 + 0.12) + 0.04 = 0.52.
+TABLE = {
+    (0.0, 0.0): (0.0, 0.0),
+    (1.0, 0.0): (1.0, 0.2),
+    (0.0, 1.0): (0.2, 1.0),
+    (0.5, 0.5): (0.6, 0.6),
+    (0.4, 0.4): (0.5, 0.5),
+    (1.5, -0.5): (0.9, 0.1),
+}
+CANDIDATES = [w for w in TABLE if w != (0.0, 0.0)]
+FRONT = [True, True, True, False, False]  # (1.5, -0.5) scores (0.9, 0.1) < (1.0, 0.2)
+
+
+class TableObjective(Objective):
+    """Looks the policy's current w up in TABLE; raises after ``fail_after`` calls."""
+
+    def __init__(self, fail_after=None, split="val"):
+        self.split, self.fail_after, self.calls, self.prepared = split, fail_after, 0, 0
+
+    def settings(self):
+        return {**super().settings(), "table": sorted(map(str, TABLE.items()))}
+
+    def validate(self, datamodule, values):
+        pass
+
+    def data_fingerprint(self, datamodule, values):
+        return "table"
+
+    def prepare(self, policy, datamodule, values):
+        self.prepared += 1
+
+    def score(self, policy, datamodule, values):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated interruption")
+        w = tuple(round(x, 6) + 0.0 for x in lora.get_weights(policy).values())
+        a, b = TABLE[w]
+        return {"helpful": a, "harmless": b, "helpful/extra": 10 * a}
+
+    def for_split(self, split):
+        return TableObjective(split=split)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return make_policy()[0]
+
+
+def _sweep(policy, out, objective=None, **kw):
+    kw.setdefault("candidates", CANDIDATES)
+    return extrapolate(
+        policy, None, VALUES, objective=objective or TableObjective(), out_dir=out, **kw
+    )
+
+
+def test_front_hypervolume_and_columns(policy, tmp_path):
+    result = _sweep(policy, tmp_path / "ext")
+    assert result.weights == CANDIDATES and result.on_front == FRONT
+    assert result.hypervolume == pytest.approx(0.52)
+    assert result.base_scores == {"helpful": 0.0, "harmless": 0.0, "helpful/extra": 0.0}
+    assert result.reference_point == [0.0, 0.0] and result.scored == 6 and result.skipped == 0
+    assert result.rows()[0] == {
+        "w/helpful": 1.0,
+        "w/harmless": 0.0,
+        "helpful": 1.0,
+        "harmless": 0.2,
+        "helpful/extra": 10.0,
+        "on_front": True,
+        "checkpoint": "ext/checkpoints/w_1.0_0.0",
+    }
+    metrics = result.metrics()
+    assert metrics["pareto/front_size"] == 3 and metrics["pareto/candidates_per_s"] > 0
+    fixed = _sweep(policy, tmp_path / "ref", reference_point=[0.5, 0.1])
+    # only (1, 0.2) and (0.6, 0.6) beat (0.5, 0.1) in both: boxes [.5,1]x[.1,.2] (0.05) and
+    # [.5,.6]x[.1,.6] (0.05) overlap on [.5,.6]x[.1,.2] (0.01)
+    assert fixed.hypervolume == pytest.approx(0.09)
+    assert lora.get_weights(policy) == {"helpful": 0.0, "harmless": 0.0}  # restored
+
+
+def test_one_checkpoint_per_saved_vector_each_loading_to_the_same_logits(policy, tmp_path):
+    result = _sweep(policy, tmp_path / "ext", save="all")
+    folders = sorted((tmp_path / "ext" / "checkpoints").iterdir())
+    assert [f.name for f in folders] == sorted(w_label(w) for w in CANDIDATES)
+    ids = torch.tensor([[72, 101, 108, 108, 111, 33, 10, 65]])
+    fresh = None  # one fresh base; each checkpoint loads into it as a plain PEFT adapter
+    for i, (w, rel) in enumerate(zip(result.weights, result.checkpoints, strict=True)):
+        folder = tmp_path / rel
+        meta = json.loads((folder / "preference.json").read_text())
+        assert meta["w"] == list(w) and meta["values"] == VALUES
+        assert meta["on_front"] == result.on_front[i] and meta["scores"] == result.scores[i]
+        if fresh is None:
+            fresh = PeftModel.from_pretrained(tiny_llama(seed=1).model, folder, adapter_name="0")
+        else:
+            fresh.load_adapter(folder, adapter_name=str(i))
+        fresh.set_adapter(str(i))
+        with torch.no_grad(), lora.using_weights(policy, dict(zip(VALUES, w, strict=True))):
+            want = policy(input_ids=ids).logits
+            torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+    front_only = _sweep(policy, tmp_path / "ext")  # same folder, save=front: stale ones go
+    assert front_only.skipped == 6
+    assert len(list((tmp_path / "ext" / "checkpoints").iterdir())) == 3
+
+
+def test_manifest_round_trips(policy, tmp_path):
+    result = _sweep(policy, tmp_path / "ext", report_split="test")
+    assert result.report[0] == {
+        "test/helpful": 1.0,
+        "test/harmless": 0.2,
+        "test/helpful/extra": 10.0,
+    }
+    assert result.report[3] == {}  # off the front: not reported
+    data = json.loads((tmp_path / "ext" / "pareto.json").read_text())
+    assert ExtrapolationResult.from_json(data) == result
+    with open(tmp_path / "ext" / "pareto.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    parsed = [
+        {
+            k: (x == "True" if k == "on_front" else x if k == "checkpoint" else float(x))
+            for k, x in row.items()
+            if x != ""
+        }
+        for row in rows
+    ]
+    want = [{k: x for k, x in row.items() if x not in ("", None)} for row in result.rows()]
+    assert parsed == want
+    assert (tmp_path / "ext" / "pareto.png").stat().st_size > 0
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_resume_skips_scored_candidates_and_gives_the_same_front(policy, tmp_path):
+    full = _sweep(policy, tmp_path / "full")
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        _sweep(policy, tmp_path / "ext", objective=TableObjective(fail_after=3))
+    assert len(list((tmp_path / "ext" / "scores").rglob("w_*.json"))) == 3  # base + 2
+    assert not (tmp_path / "ext" / "pareto.json").exists()
+    objective = TableObjective()
+    resumed = _sweep(policy, tmp_path / "ext", objective=objective)
+    assert (resumed.skipped, resumed.scored, objective.calls) == (3, 3, 3)
+    assert resumed.on_front == full.on_front and resumed.scores == full.scores
+    assert resumed.hypervolume == full.hypervolume
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "message"),
+    [
+        ({"candidates": [[1.0, 0.5, 0.2]]}, ValueError, r"vector 0 .* has length 3, expected 2"),
+        ({"candidates": {"mode": "grid", "start": 1.0, "stop": 0.5}}, ValueError, "is empty"),
+        ({"candidates": {"mode": "grid", "setp": 0.1}}, ValueError, r"unknown keys \['setp'\]"),
+        ({"reference_point": [0.0, 0.0, 0.0]}, ValueError, r"must have 2 finite entries"),
+        ({"reference_point": "median"}, ValueError, r"expected 'base' or a list of 2"),
+        ({"save": "some"}, ValueError, r"extrapolation.save: expected one of"),
+        ({"values": ["helpful", "humor"]}, ValueError, r"\['humor'\] have no trained vector"),
+    ],
+)
+def test_bad_input_fails_before_any_work(policy, tmp_path, kw, error, message):
+    objective = TableObjective()
+    values = kw.pop("values", VALUES)
+    kw.setdefault("candidates", CANDIDATES)
+    with pytest.raises(error, match=message):
+        extrapolate(policy, None, values, objective=objective, out_dir=tmp_path / "ext", **kw)
+    assert objective.prepared == objective.calls == 0 and not (tmp_path / "ext").exists()
+
+
+def test_hundred_candidate_grid_on_the_tiny_model(tmp_path):
+    policy, backbone = make_policy()
+    dm = make_datamodule(backbone.tokenizer, n_val=2)
+    start = time.perf_counter()
+    result = extrapolate(
+        policy,
+        dm,
+        VALUES,
+        {"mode": "grid"},
+        ImplicitReward(beta=0.1),
+        tmp_path / "ext",
+        progress=False,
+    )
+    seconds = time.perf_counter() - start
+    assert len(result.weights) == 100 and result.scored == 101  # the base too
+    print(
+        f"\n100-candidate grid: {result.candidates_per_s:.1f} candidates/s, {seconds:.1f} s all in"
+    )
+
+
+def test_callback_runs_in_fast_dev_run(toy_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = compose(
+        toy_overrides(
+            toy_data, out, "+trainer.fast_dev_run=true", "extrapolation.candidates.step=0.3"
+        )
+    )
+    metrics = train(cfg)
+    manifest = json.loads((out / "extrapolation" / "pareto.json").read_text())
+    assert len(manifest["rows"]) == 16  # S = {0.1, 0.4, 0.7, 1.0}, K = 2
+    assert metrics["pareto/hypervolume"] == pytest.approx(manifest["hypervolume"])
+    assert metrics["pareto/num_candidates"] == 16
+    assert {"test/helpful", "test/harmless/margin"} <= set(manifest["rows"][0])
+
+
+def test_short_run_logs_and_the_standalone_rerun_skips_everything(toy_data, tmp_path):
+    out = tmp_path / "run"
+    extra = ["extrapolation.candidates.values=[-0.5,1.0,2.0]", "extrapolation.report_split=null"]
+    metrics = train(compose(toy_overrides(toy_data, out, *extra)))
+    assert metrics["pareto/num_candidates"] == 9 and "pareto/candidates_per_s" in metrics
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["pareto/hypervolume"] == pytest.approx(metrics["pareto/hypervolume"])
+    header = (out / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "pareto/hypervolume" in header and "pareto/front_size" in header
+    first = json.loads((out / "extrapolation" / "pareto.json").read_text())
+
+    again = main([f"run_dir={out}", "extrapolation.save=all"])
+    assert (again.skipped, again.scored) == (10, 0)  # the base + 9, read back from disk
+    assert again.on_front == [r["on_front"] for r in first["rows"]]
+    assert again.hypervolume == pytest.approx(first["hypervolume"])
+    assert len(list((out / "extrapolation" / "checkpoints").iterdir())) == 9
+
+    soup = main(
+        [
+            f"run_dir={out}",
+            "extrapolation=simplex",
+            "extrapolation.candidates.step=0.5",
+            "extrapolation.report_split=null",
+        ]
+    )
+    assert soup.weights == [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
+    assert (soup.scored, soup.skipped) == (3, 1)  # the base is cached
+
+
+def test_callback_sends_metrics_table_plot_and_summary_to_the_loggers(policy, tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from mva_lightning.callbacks import ExtrapolationCallback
+
+    class FakeWandb(WandbLogger):  # records calls; never starts wandb
+        def __init__(self):
+            self.calls, self.run = [], SimpleNamespace(summary={})
+
+        @property
+        def experiment(self):
+            return self.run
+
+        def log_metrics(self, metrics, step=None):
+            self.calls.append(("metrics", metrics, step))
+
+        def log_table(self, key, columns=None, data=None, dataframe=None, step=None):
+            self.calls.append(("table", key, columns, data))
+
+        def log_image(self, key, images, step=None, **kwargs):
+            self.calls.append(("image", key, images))
+
+        def save(self):
+            pass
+
+    callback = ExtrapolationCallback(CANDIDATES, TableObjective(), report_split=None)
+    result = callback.run(policy, None, VALUES, tmp_path)
+    logger = FakeWandb()
+    trainer = SimpleNamespace(
+        callback_metrics={}, loggers=[logger], default_root_dir=str(tmp_path), global_step=7
+    )
+    callback._log(trainer, result)
+    (_, metrics, step), (_, key, columns, data), (_, image_key, images) = logger.calls
+    assert step == 7 and metrics["pareto/hypervolume"] == pytest.approx(0.52)
+    assert key == "pareto/table" and columns[:3] == ["w/helpful", "w/harmless", "helpful"]
+    assert len(data) == 5 and data[0][:2] == [1.0, 0.0]
+    assert image_key == "pareto/plot" and images == [str(tmp_path / "extrapolation" / "pareto.png")]
+    assert logger.run.summary["pareto/front_size"] == 3
+    assert float(trainer.callback_metrics["pareto/hypervolume"]) == pytest.approx(0.52)
