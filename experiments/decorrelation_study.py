@@ -20,8 +20,8 @@ so even independent random A's give a non-zero MI; training without a penalty ra
 Toy data (generated here): a prompt about an item; the chosen answer is polite and on topic,
 the rejected one curt; 10 % of the labels are flipped, so accuracy tops out near 0.9.
 
-    python experiments/decorrelation_study.py            # about 15 min on 2 busy CPU cores
-    python experiments/decorrelation_study.py --quick    # smoke run, about 1 min
+    python experiments/decorrelation_study.py            # ~20 min on 2 busy cores (6 min CPU)
+    python experiments/decorrelation_study.py --quick    # smoke run, 1-2 min
 
 Writes ``experiments/results/decorrelation_study.json`` (per-seed rows and the table).
 """
@@ -240,6 +240,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _public_args(argv: list[str] | None) -> list[str]:
+    """The command-line arguments without machine paths (--workdir, --out and their values)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--workdir", "--out"):
+            skip = True
+        elif not arg.startswith(("--workdir=", "--out=")):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     for key, val in (("HF_HUB_OFFLINE", "1"), ("WANDB_MODE", "offline"), ("TQDM_DISABLE", "1")):
@@ -266,10 +281,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"seed {seed}: " + table(rows[-1:]).splitlines()[-1], file=sys.stderr)
     print(table(rows))
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "set")}
-    command = "python experiments/decorrelation_study.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python experiments/decorrelation_study.py", *_public_args(argv)])
     write_json(
         args.out,
-        {"settings": settings, "command": command.strip(), "table": table(rows), "rows": rows},
+        {"settings": settings, "command": command, "table": table(rows), "rows": rows},
     )
     print(f"wrote {args.out}")
     return rows

@@ -65,6 +65,9 @@ def toy_overrides(toy_data: dict[str, Path], out: Path, *extra: str) -> list[str
     return [
         "model=tiny",
         "value=[helpful,harmless]",
+        "data=paper",
+        "extrapolation=grid",
+        "optimizer.lr=1e-5",
         f"value.helpful.source.files=[{toy_data['helpful']}]",
         f"value.harmless.source.files=[{toy_data['harmless']}]",
         f"paths.output_dir={out}",
