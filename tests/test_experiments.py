@@ -35,32 +35,57 @@ def _overrides(name: str, tmp: Path) -> list[str]:
     common = [f"+experiment={name}", f"paths.output_dir={tmp / 'run'}", *FAST]
     offline = ["scorer@value.helpful.scorer=relevance", "scorer@value.harmless.scorer=harmlessness"]
     if name == "hh_2values":
-        return common + _hh("helpful", "helpful") + _hh("harmless", "harmless") + offline + SWEEP + GEN
+        return (
+            common + _hh("helpful", "helpful") + _hh("harmless", "harmless") + offline + SWEEP + GEN
+        )
     if name == "hh_3values":
         humor_file = shared_file("hh-rlhf", "helpful-base-test.jsonl.gz")
         three = SWEEP[:1] + ["extrapolation.candidates.vectors=[[0.5,0.5,0.5],[1,1,1.5]]", SWEEP[2]]
         return (
-            common + _hh("helpful", "helpful") + _hh("harmless", "harmless") + offline + three + GEN
-            + ["scorer@value.humor.source.scorer=sentiment",
-               f"value.humor.source.source.files=[{humor_file}]",
-               "value.humor.source.source.max_rows=60"]
+            common
+            + _hh("helpful", "helpful")
+            + _hh("harmless", "harmless")
+            + offline
+            + three
+            + GEN
+            + [
+                "scorer@value.humor.source.scorer=sentiment",
+                f"value.humor.source.source.files=[{humor_file}]",
+                "value.humor.source.source.max_rows=60",
+            ]
         )
     if name == "beavertails_2values":
         pku = shared_file("pku-saferlhf", "sample-17.jsonl")
-        return common + SWEEP + GEN + [
-            f"value.pku_helpful.source.files=[{pku}]", f"value.pku_harmless.source.files=[{pku}]",
-            "scorer@value.pku_helpful.scorer=relevance",
-            "scorer@value.pku_harmless.scorer=harmlessness",
-            "data.split.test=0.2", "data.split.val=0.2", "data.split.by_prompt=false",
-        ]
+        return (
+            common
+            + SWEEP
+            + GEN
+            + [
+                f"value.pku_helpful.source.files=[{pku}]",
+                f"value.pku_harmless.source.files=[{pku}]",
+                "scorer@value.pku_helpful.scorer=relevance",
+                "scorer@value.pku_harmless.scorer=harmlessness",
+                "data.split.test=0.2",
+                "data.split.val=0.2",
+                "data.split.by_prompt=false",
+            ]
+        )
     if name.startswith("embedded"):
-        small = [f"value.{v}.source.{k}" for v in ("helpful", "harmless", "positive")
-                 for k in ("num_samples=2", "max_new_tokens=6", "margin=-1.0",
-                           "chat_template=false")]
-        return common + small + [
-            "data.loader.chat_template=false",
-            "extrapolation.candidates.values=[0.0,1.0]", "extrapolation.report_split=null", *GEN,
+        small = [
+            f"value.{v}.source.{k}"
+            for v in ("helpful", "harmless", "positive")
+            for k in ("num_samples=2", "max_new_tokens=6", "margin=-1.0", "chat_template=false")
         ]
+        return (
+            common
+            + small
+            + [
+                "data.loader.chat_template=false",
+                "extrapolation.candidates.values=[0.0,1.0]",
+                "extrapolation.report_split=null",
+                *GEN,
+            ]
+        )
     raise AssertionError(f"no test overrides for experiment {name!r}: add them here")
 
 
