@@ -103,6 +103,7 @@ class StepClock:
         if w < 1 or n <= w:
             raise RuntimeError(f"ran {n} steps with warmup={w}: need 1 <= warmup < steps")
         span, timed = self.ends[-1] - self.ends[w - 1], n - w
+        durations = [b - a for a, b in zip(self.ends[w - 1 : -1], self.ends[w:], strict=True)]
         return {
             "steps": n,
             "timed_steps": timed,
@@ -112,6 +113,10 @@ class StepClock:
             # CPU seconds of all this process's threads per step: less sensitive to other
             # processes on a shared machine than wall time (but counts threads' spin-waits).
             "cpu_s_per_step": (self.cpu_ends[-1] - self.cpu_ends[w - 1]) / timed,
+            # Per-step wall times (end to end, from the previous step's end): on a shared machine
+            # the minimum is the least disturbed estimate, the median the typical one.
+            "step_s_min": min(durations),
+            "step_s_median": median(durations),
             "setup_s": self.starts[0] - t_ready,
             "first_loss": self.losses[0],
             "last_loss": self.losses[-1],

@@ -287,10 +287,13 @@ def child_trl(spec: dict) -> dict:
 def child(spec: dict) -> None:
     import torch
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(SEED)
     t_import = time.perf_counter()
     result = child_trl(spec) if spec["side"] == "trl" else child_ours(spec)
     result.update(name=spec["name"], side=spec["side"], model=spec["model"])
+    result["threads"] = torch.get_num_threads()
     result["start_to_ready_s"] = t_import - T_START
     bu.emit(result)
 
@@ -333,6 +336,8 @@ def summarise(results: list[dict]) -> dict[str, Any]:
         for key in (
             "steps_per_s",
             "s_per_step",
+            "step_s_min",
+            "step_s_median",
             "cpu_s_per_step",
             "response_tokens_per_s",
             "peak_rss_mib",
@@ -383,6 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=2, help="repetitions per configuration")
     parser.add_argument("--configs", default="", help="comma list of config names (default all)")
     parser.add_argument("--quick", action="store_true", help="smoke size: a few tiny steps")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per child (0: torch's default)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -405,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
             data = write_jsonl(rows, Path(tmp) / "pairs.jsonl")
             results = []
             for spec in plan(model, size, args.reps, names):
-                spec.update(data=str(data), tmp=tempfile.mkdtemp(dir=tmp))
+                spec.update(data=str(data), tmp=tempfile.mkdtemp(dir=tmp), threads=args.threads)
                 load = bu.load_average()
                 r = bu.run_child(Path(__file__), spec)
                 r.update(rep=spec["rep"], load_before=load)

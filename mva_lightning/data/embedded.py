@@ -95,9 +95,14 @@ def sample_responses(
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 to form pairs, got {num_samples}")
     settings = dict(
-        model=dict(model_loader), prompts=list(prompts), num_samples=num_samples,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        chat_template=chat_template, seed=seed,
+        model=dict(model_loader),
+        prompts=list(prompts),
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        chat_template=chat_template,
+        seed=seed,
     )
     path = _cache_root(cache_dir) / f"responses-{_fingerprint(settings)}.json"
     if path.is_file():
@@ -112,9 +117,17 @@ def sample_responses(
     backbone.model.eval()
     flat_prompts = [p for p in prompts for _ in range(num_samples)]
     flat = generate(
-        backbone.model, backbone.tokenizer, flat_prompts, max_new_tokens=max_new_tokens,
-        do_sample=True, temperature=temperature, top_p=top_p, batch_size=batch_size,
-        chat_template=chat_template, seed=seed, progress=True,
+        backbone.model,
+        backbone.tokenizer,
+        flat_prompts,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        seed=seed,
+        progress=True,
     )
     responses = [flat[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
     write_json(path, {"settings": settings, "responses": responses})
@@ -196,15 +209,26 @@ def scored_pairs(
 
     prompts = load_prompts(prompts_file)
     responses = sample_responses(
-        model_loader, prompts, num_samples, max_new_tokens, temperature, top_p, batch_size,
-        chat_template, seed, cache_dir,
+        model_loader,
+        prompts,
+        num_samples,
+        max_new_tokens,
+        temperature,
+        top_p,
+        batch_size,
+        chat_template,
+        seed,
+        cache_dir,
     )
     value_scorer = instantiate(dict(scorer))
     scores = score_responses(value_scorer, prompts, responses, cache_dir)
     pairs = best_worst_pairs(prompts, responses, scores, margin)
     log.info(
-        "%s: %d pairs from %d prompts (margin %.3g)", value_scorer.name, len(pairs),
-        len(prompts), margin,
+        "%s: %d pairs from %d prompts (margin %.3g)",
+        value_scorer.name,
+        len(pairs),
+        len(prompts),
+        margin,
     )
     if not pairs:
         raise DataError(f"scorer {value_scorer.name!r}: no pair has a score gap above {margin}")

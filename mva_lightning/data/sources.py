@@ -498,9 +498,7 @@ def split_pairs(
     )
 
 
-def _split_by_prompt(
-    pairs: Sequence[PreferencePair], test: float, val: float, seed: int
-) -> Splits:
+def _split_by_prompt(pairs: Sequence[PreferencePair], test: float, val: float, seed: int) -> Splits:
     out = Splits(train=[], val=[], test=[])
     for pair in pairs:
         digest = hashlib.sha256(f"{seed}:{pair.prompt}".encode()).digest()
