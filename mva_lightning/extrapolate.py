@@ -69,6 +69,7 @@ class ExtrapolationResult:
         scored: Candidates scored in this call (the base included).
         skipped: Candidates whose scores were read back from disk.
         seconds: Wall time of the scoring loop (one-time preparation included).
+        adapters: Adapters the weights apply to (columns ``w/{a}``); None: the values.
     """
 
     values: list[str]
@@ -86,6 +87,7 @@ class ExtrapolationResult:
     scored: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    adapters: list[str] | None = None
 
     @property
     def front_size(self) -> int:
@@ -100,7 +102,8 @@ class ExtrapolationResult:
         """Manifest rows: ``w/{v}``, score columns, report columns, on_front, checkpoint."""
         rows = []
         for i, w in enumerate(self.weights):
-            row: dict[str, Any] = {f"w/{v}": x for v, x in zip(self.values, w, strict=True)}
+            names = self.adapters or self.values
+            row: dict[str, Any] = {f"w/{v}": x for v, x in zip(names, w, strict=True)}
             row.update(self.scores[i])
             row.update(self.report[i])
             row["on_front"] = self.on_front[i]
@@ -130,10 +133,11 @@ class ExtrapolationResult:
     def from_json(cls, data: Mapping[str, Any]) -> ExtrapolationResult:
         """Rebuild a result from :meth:`to_json` output (e.g. a ``pareto.json`` read back)."""
         values, split = list(data["values"]), data.get("report_split")
+        names = data.get("adapters") or values
         prefix = f"{split}/" if split else None
         weights, scores, report, on_front, checkpoints = [], [], [], [], []
         for row in data["rows"]:
-            weights.append(tuple(float(row[f"w/{v}"]) for v in values))
+            weights.append(tuple(float(row[f"w/{v}"]) for v in names))
             cols = {k: x for k, x in row.items() if not k.startswith("w/")}
             on_front.append(bool(cols.pop("on_front")))
             checkpoints.append(cols.pop("checkpoint") or None)
@@ -146,6 +150,7 @@ class ExtrapolationResult:
             on_front=on_front,
             checkpoints=checkpoints,
             report=report,
+            adapters=data.get("adapters"),
             **summary,
         )
 
@@ -207,6 +212,7 @@ def check(
     reference_point: str | Sequence[float] = "base",
     save: str = "front",
     report_split: str | None = None,
+    adapters: Sequence[str] | None = None,
 ) -> tuple[list[tuple[float, ...]], list[float] | None, Objective | None]:
     """Every check of :func:`extrapolate`, cheap and before any work.
 
@@ -216,11 +222,12 @@ def check(
     values = list(values)
     if not values:
         raise ValueError("extrapolation: no values to extrapolate")
+    names = list(adapters or values)  # what w weights: one adapter per value unless shared
     trained = lora.value_names(policy)
-    missing = [v for v in values if v not in trained]
+    missing = [v for v in names if v not in trained]
     if missing:
         raise ValueError(f"extrapolation: values {missing} have no trained vector; have {trained}")
-    weights = candidate_set(candidates, len(values))
+    weights = candidate_set(candidates, len(names))
     ref = _reference(reference_point, values)
     if save not in SAVE_MODES:
         raise ValueError(f"extrapolation.save: expected one of {SAVE_MODES}, got {save!r}")
@@ -244,6 +251,7 @@ def extrapolate(
     report_split: str | None = None,
     run_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    adapters: Sequence[str] | None = None,
 ) -> ExtrapolationResult:
     """Score candidates, select the Pareto front, save its checkpoints and the manifest.
 
@@ -259,6 +267,8 @@ def extrapolate(
         report_split: Also score the front on this split (e.g. ``"test"``); None: do not.
         run_dir: Checkpoint paths in the manifest are relative to it (default: out_dir's parent).
         progress: Show tqdm bars.
+        adapters: The adapters w weights, when they are not the values themselves (a
+            baseline's one shared adapter: candidates ``[[1.0]]``); scores stay per value.
 
     Returns:
         The :class:`ExtrapolationResult` (also in ``out_dir/pareto.json``).
@@ -268,17 +278,26 @@ def extrapolate(
     """
     values = list(values)
     weights, ref, report_objective = check(
-        policy, datamodule, values, candidates, objective, reference_point, save, report_split
+        policy,
+        datamodule,
+        values,
+        candidates,
+        objective,
+        reference_point,
+        save,
+        report_split,
+        adapters,
     )
+    names = list(adapters or values)
     out_dir = Path(out_dir)
     run_dir = Path(run_dir) if run_dir is not None else out_dir.parent
-    adapters = _adapter_hash(policy, values)
-    zero = (0.0,) * len(values)
+    adapter_hash = _adapter_hash(policy, names)
+    zero = (0.0,) * len(names)
 
     start = time.perf_counter()
     todo = [zero, *(w for w in weights if w != zero)]
     by_w, fingerprint, scored, skipped = _score_all(
-        policy, datamodule, values, objective, todo, out_dir, adapters, progress
+        policy, datamodule, values, objective, todo, out_dir, adapter_hash, progress, names
     )
     seconds = time.perf_counter() - start
     matrix = np.array([[by_w[w][v] for v in values] for w in weights])  # (n, K)
@@ -291,7 +310,15 @@ def extrapolate(
     if report_objective is not None:
         front = [w for w, m in zip(weights, mask, strict=True) if m]
         got, _, _, _ = _score_all(
-            policy, datamodule, values, report_objective, front, out_dir, adapters, progress
+            policy,
+            datamodule,
+            values,
+            report_objective,
+            front,
+            out_dir,
+            adapter_hash,
+            progress,
+            names,
         )
         split = report_objective.split
         for i, w in enumerate(weights):
@@ -300,7 +327,7 @@ def extrapolate(
 
     keep = [bool(m) for m in mask] if save == "front" else [True] * len(weights)
     checkpoints = _save_checkpoints(
-        policy, values, weights, by_w, mask, keep, out_dir, run_dir, fingerprint
+        policy, names, weights, by_w, mask, keep, out_dir, run_dir, fingerprint
     )
     result = ExtrapolationResult(
         values=values,
@@ -318,6 +345,7 @@ def extrapolate(
         scored=scored,
         skipped=skipped,
         seconds=seconds,
+        adapters=names if names != values else None,
     )
     write_json(out_dir / "pareto.json", result.to_json())
     write_csv(out_dir / "pareto.csv", result.rows())
@@ -342,8 +370,9 @@ def extrapolate(
     return result
 
 
-def _score_all(policy, datamodule, values, objective, todo, out_dir, adapters, progress):
-    """Scores of every w in ``todo``, read from the cache or computed (and cached) now."""
+def _score_all(policy, datamodule, values, objective, todo, out_dir, adapters, progress, names):
+    """Scores of every w in ``todo`` (weights of the adapters ``names``), read from the cache
+    or computed (and cached) now."""
     from tqdm.auto import tqdm
 
     fingerprint = _hash(
@@ -370,7 +399,7 @@ def _score_all(policy, datamodule, values, objective, todo, out_dir, adapters, p
             if not prepared:
                 objective.prepare(policy, datamodule, values)
                 prepared = True
-            lora.set_weights(policy, lora.preference_dict(values, w))
+            lora.set_weights(policy, lora.preference_dict(names, w))
             scores = {k: float(s) for k, s in objective.score(policy, datamodule, values).items()}
             missing = [v for v in values if v not in scores]
             bad = [k for k, s in scores.items() if not math.isfinite(s)]

@@ -79,6 +79,33 @@ def dpo_loss(
     )
 
 
+def modpo_margin(
+    reward_margins: torch.Tensor, weights: torch.Tensor, own_weight: float
+) -> torch.Tensor:
+    """MODPO's margin (Zhou et al. 2023) from the frozen implicit rewards of the other values.
+
+    m = (1/w_k) * sum_j w_j * (r_j(y_w) - r_j(y_l)), r_j = beta * (log pi_j - log pi_0).
+    With logits scaled by 1/w_k, the MODPO loss is ``dpo_loss(..., beta=beta / w_k, margin=m)``.
+
+    Args:
+        reward_margins: (J, B) r_j(y_w) - r_j(y_l) for each of the J other values.
+        weights: (J,) their preference weights w_j.
+        own_weight: w_k > 0, the weight of the value being trained.
+
+    Returns:
+        (B,) margins.
+    """
+    if not own_weight > 0:
+        raise ValueError(f"modpo_margin: own_weight (w_k) must be > 0, got {own_weight}")
+    if reward_margins.dim() != 2 or weights.shape != reward_margins.shape[:1]:
+        raise ValueError(
+            f"modpo_margin: expected reward_margins (J, B) and weights (J,), got "
+            f"{tuple(reward_margins.shape)} and {tuple(weights.shape)}"
+        )
+    weights = weights.to(reward_margins)
+    return (weights[:, None] * reward_margins).sum(0) / own_weight  # (B,)
+
+
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) for each row, without materialising the full log-softmax.
 

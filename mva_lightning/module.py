@@ -18,7 +18,7 @@ import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mva_lightning import lora
 from mva_lightning.logps import response_logps
-from mva_lightning.losses import DPOOutput, dpo_loss, split_chosen_rejected
+from mva_lightning.losses import DPOOutput, dpo_loss, modpo_margin, split_chosen_rejected
 from mva_lightning.mi import MIEstimator, NoMI, activation_features, lora_features
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,13 @@ class MVAModule(L.LightningModule):
         accumulate_grad_batches: Batches per optimizer step.
         gradient_clip_val: Max gradient norm (None: no clipping).
         mi_max_samples: Cap on activation samples per module fed to the estimator.
+        adapters: Value -> the LoRA adapter it trains (default: one adapter named after each
+            value, MVA). Baselines map every value to one shared adapter (DPO-LW, DPO-SeqT).
+        loss_weights: Value -> weight of its DPO loss (default 1 each). Values of weight 0
+            are not trained (their stages are dropped).
+        margin_weights: MODPO: frozen adapter -> w_j; the trained values' DPO logits get the
+            margin (1/w_k) sum_j w_j (r_j(y_w) - r_j(y_l)), precomputed once per split.
+        margin_own_weight: MODPO's w_k (the trained value's weight): logits scaled by 1/w_k.
     """
 
     def __init__(
@@ -96,13 +103,31 @@ class MVAModule(L.LightningModule):
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         mi_max_samples: int = 2048,
+        adapters: Mapping[str, str] | None = None,
+        loss_weights: Mapping[str, float] | None = None,
+        margin_weights: Mapping[str, float] | None = None,
+        margin_own_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if alpha < 0:
             raise ValueError(f"mi.alpha must be >= 0, got {alpha}")
-        missing = [v for v in values if v not in lora.value_names(policy)]
+        for name, given in (("adapters", adapters), ("loss_weights", loss_weights)):
+            unknown = sorted(set(given or {}) - set(values))
+            if unknown:
+                raise ValueError(f"{name}: {unknown} are not values of this run ({list(values)})")
+        if not margin_own_weight > 0:
+            raise ValueError(
+                f"margin_own_weight (MODPO's w_k) must be > 0, got {margin_own_weight}"
+            )
+        self.adapters = {v: (adapters or {}).get(v, v) for v in values}
+        self.loss_weights = {v: float((loss_weights or {}).get(v, 1.0)) for v in values}
+        self.margin_weights = {k: float(w) for k, w in (margin_weights or {}).items()}
+        self.margin_own_weight = float(margin_own_weight)
+        self.values = list(values)
+        needed = [*self.adapter_names, *self.margin_weights]
+        missing = [a for a in needed if a not in lora.value_names(policy)]
         if missing:
-            raise ValueError(f"values {missing} have no LoRA adapter in the policy")
+            raise ValueError(f"{missing} have no LoRA adapter in the policy (adapters: {needed})")
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold adapters and heads only, not the base
         self.save_hyperparameters(
@@ -119,10 +144,14 @@ class MVAModule(L.LightningModule):
         self.reference_model = reference_model
         if reference_model is not None:
             reference_model.requires_grad_(False).eval()
-        self.values = list(values)
         self.beta, self.alpha, self.label_smoothing = beta, alpha, label_smoothing
         self.schedule = schedule
-        self.stages = stages_for(self.values, schedule)
+        weighted = [
+            [v for v in s if self.loss_weights[v] != 0] for s in stages_for(values, schedule)
+        ]
+        self.stages = [s for s in weighted if s]  # a value of loss weight 0 is not trained
+        if not self.stages:
+            raise ValueError(f"loss_weights {self.loss_weights}: every value has weight 0")
         self.stage = 0
         self.optimizer_factory, self.mi_optimizer_factory = optimizer, mi_optimizer
         self.scheduler_factory = scheduler
@@ -132,17 +161,33 @@ class MVAModule(L.LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self.mi_max_samples = mi_max_samples
         self.estimator = mi if (mi is not None and alpha > 0) else NoMI()
-        self.estimator.check_factors(lora.lora_factors(policy, self.values[0]))  # fail fast
+        shared = len(self.adapter_names) < len(self.values)
+        if shared and not isinstance(self.estimator, NoMI):
+            raise ValueError(
+                f"adapters {self.adapters}: the MI penalty needs one adapter per value; "
+                "use mi=none with a shared adapter"
+            )
+        self.estimator.check_factors(lora.lora_factors(policy, self.adapter_names[0]))
         all_pairs = {p for s in self.stages for p in mi_pairs(self.values, s)}
         if self.estimator.has_head:
             self.mi_heads = nn.ModuleDict(
                 {_pair_key(p): copy.deepcopy(self.estimator) for p in sorted(all_pairs)}
             )
         self._reference_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._margin_cache: dict[tuple[str, str], torch.Tensor] = {}  # MODPO margins (N,)
         self._mi_generator = torch.Generator().manual_seed(0)
         self.begin_stage(0)
 
     # ----------------------------------------------------------------- stages
+    @property
+    def adapter_names(self) -> list[str]:
+        """The trained LoRA adapters, in value order (the values themselves for MVA)."""
+        return list(dict.fromkeys(self.adapters[v] for v in self.values))
+
+    def stage_adapters(self) -> list[str]:
+        """Adapters trained in the current stage."""
+        return list(dict.fromkeys(self.adapters[v] for v in self.stage_values))
+
     @property
     def stage_values(self) -> list[str]:
         """Values trained in the current stage."""
@@ -160,8 +205,9 @@ class MVAModule(L.LightningModule):
         if not 0 <= stage < len(self.stages):
             raise ValueError(f"stage {stage} out of range; this schedule has {len(self.stages)}")
         self.stage = stage
-        lora.set_trainable(self.policy, self.stage_values)
+        lora.set_trainable(self.policy, self.stage_adapters())
         self._reference_cache.clear()
+        self._margin_cache.clear()
         if self.trainer_datamodule is not None:
             self.trainer_datamodule.active_values = self.stage_values
 
@@ -229,13 +275,52 @@ class MVAModule(L.LightningModule):
     def _show_progress(self) -> bool:
         return self._trainer is not None and self.trainer.is_global_zero
 
+    @torch.no_grad()
+    def precompute_margins(self, value: str, split: str) -> None:
+        """MODPO: the margin of every pair of one value's split, from the frozen vectors (once).
+
+        r_j = beta * (log pi_j - log pi_0) for each frozen adapter j (policy pi_0 + theta_j);
+        m = (1/w_k) sum_j w_j (r_j(y_w) - r_j(y_l)), shape (N,).
+        """
+        dm = self.trainer_datamodule
+        n = len(getattr(dm.splits[value], split))
+        out = torch.zeros(n)
+        was_training = self.policy.training
+        self.policy.eval()
+        weights = torch.tensor(list(self.margin_weights.values()), device=self.device)  # (J,)
+        for batch in dm.loader(value, split):
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            ref_c, ref_r = split_chosen_rejected(self.reference_logps(batch))
+            reward_margins = []
+            for adapter in self.margin_weights:
+                lc, lr = split_chosen_rejected(self.policy_logps({adapter: 1.0}, batch))
+                reward_margins.append(self.beta * ((lc - ref_c) - (lr - ref_r)))  # (B,)
+            m = modpo_margin(torch.stack(reward_margins), weights, self.margin_own_weight)
+            out[batch["index"].cpu()] = m.float().cpu()
+        self.policy.train(was_training)
+        self._margin_cache[(value, split)] = out
+
+    def _margin(self, value: str, split: str, batch: dict) -> torch.Tensor | None:
+        if not self.margin_weights:
+            return None
+        if (value, split) not in self._margin_cache:
+            self.precompute_margins(value, split)
+        return self._margin_cache[(value, split)][batch["index"].cpu()].to(self.device)
+
     def dpo(self, value: str, batch: dict, split: str = "train") -> DPOOutput:
-        """DPO loss of ``value``'s vector alone (policy pi_0 + theta_v) on its batch."""
-        policy = self.policy_logps({value: 1.0}, batch)
+        """DPO loss of ``value``'s vector alone (policy pi_0 + theta_v) on its batch.
+
+        With MODPO margins: logits (beta / w_k) * h - m (Zhou et al. 2023).
+        """
+        policy = self.policy_logps({self.adapters[value]: 1.0}, batch)
         reference = self.cached_reference_logps(value, split, batch)
         pc, pr = split_chosen_rejected(policy)
         rc, rr = split_chosen_rejected(reference)
-        return dpo_loss(pc, pr, rc, rr, beta=self.beta, label_smoothing=self.label_smoothing)
+        margin = self._margin(value, split, batch)
+        beta = self.beta / self.margin_own_weight if margin is not None else self.beta
+        return dpo_loss(
+            pc, pr, rc, rr, beta=beta, label_smoothing=self.label_smoothing, margin=margin
+        )
 
     # ---------------------------------------------------------------- MI term
     def mi_features(
@@ -243,7 +328,8 @@ class MVAModule(L.LightningModule):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Paired features of value vectors i and j for the penalty."""
         est = self._estimator(pair)
-        fi, fj = lora.lora_factors(self.policy, pair[0]), lora.lora_factors(self.policy, pair[1])
+        a, b = self.adapters[pair[0]], self.adapters[pair[1]]
+        fi, fj = lora.lora_factors(self.policy, a), lora.lora_factors(self.policy, b)
         if est.features == "activations":
             if inputs is None:
                 raise RuntimeError("activation features need the inputs captured in the forward")
@@ -325,7 +411,7 @@ class MVAModule(L.LightningModule):
             if inputs:
                 mask = batch[value]["attention_mask"].bool()  # (2B, T) real tokens
                 captured[value] = {m: h[mask] for m, h in inputs.items()}  # (N, d_in)
-            dpo_total = dpo_total + out.loss
+            dpo_total = dpo_total + self.loss_weights[value] * out.loss  # DPO-LW: sum w_v L_v
             n = batch[value]["index"].numel()
             for key, val in out.metrics().items():
                 self.log(f"train/{value}/{key}", val, batch_size=n, prog_bar=key == "loss")
@@ -363,7 +449,7 @@ class MVAModule(L.LightningModule):
         # Before configure_optimizers: the stage's vectors must be trainable (and only they).
         if self.trainer_datamodule is not None:
             self.trainer_datamodule.active_values = self.stage_values
-        lora.set_trainable(self.policy, self.stage_values)
+        lora.set_trainable(self.policy, self.stage_adapters())
 
     def on_fit_start(self) -> None:
         if self.precompute_reference and self.trainer_datamodule is not None:
@@ -371,6 +457,11 @@ class MVAModule(L.LightningModule):
                 for split in ("train", "val"):
                     if (value, split) not in self._reference_cache:
                         self.precompute_reference_logps(value, split)
+        if self.margin_weights and self.trainer_datamodule is not None:
+            for value in self.stage_values:  # MODPO: once per split, before the first step
+                for split in ("train", "val"):
+                    if (value, split) not in self._margin_cache:
+                        self.precompute_margins(value, split)
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mva_lightning.io import write_text
+from mva_lightning.profiling import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,16 @@ def build(cfg: DictConfig, splits: dict[str, Any]):
     from hydra.utils import instantiate
 
     from mva_lightning import lora
+    from mva_lightning.baselines import load_frozen, method_inputs
     from mva_lightning.data.datamodule import PreferenceDataModule
     from mva_lightning.module import MVAModule
 
     values = list(cfg.value.keys())
+    method = method_inputs(values, **OmegaConf.to_container(cfg.get("method") or {}, resolve=True))
     backbone = instantiate(cfg.model.loader)
-    policy = lora.add_value_vectors(backbone.model, values, **cfg.model.lora)
+    names = [*method.adapter_names, *method.frozen]  # MVA: one adapter per value
+    policy = lora.add_value_vectors(backbone.model, names, **cfg.model.lora)
+    load_frozen(policy, method.frozen)
     reference = None
     if cfg.train.separate_reference:
         reference = instantiate(cfg.model.loader).model
@@ -126,6 +131,7 @@ def build(cfg: DictConfig, splits: dict[str, Any]):
         accumulate_grad_batches=cfg.train.accumulate_grad_batches,
         gradient_clip_val=cfg.train.gradient_clip_val,
         mi_max_samples=cfg.mi.max_samples,
+        **method.module_kwargs(),
     )
     return backbone, module, datamodule
 
@@ -168,9 +174,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     os.environ.setdefault("WANDB_MODE", "offline")
     L.seed_everything(cfg.seed, workers=True)
 
-    splits = load_value_splits(cfg)
+    timer = StageTimer()
+    with timer.stage("data"):
+        splits = load_value_splits(cfg)
     start = resume_stage(cfg.get("ckpt_path"))
-    backbone, module, datamodule = build(cfg, splits)
+    with timer.stage("model"):
+        backbone, module, datamodule = build(cfg, splits)
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
     metrics: dict[str, float] = {}
     try:
@@ -181,7 +190,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             callbacks = [
                 instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node
             ]
-            if cfg.get("extrapolation"):  # extrapolation=none (or a null value) disables it
+            # extrapolation=none (or null) disables it; a method's candidate settings merged
+            # into a disabled sweep leave a node without _target_ (conf/method/): disabled too
+            if cfg.get("extrapolation") and "_target_" in cfg.extrapolation:
                 callbacks.append(instantiate(cfg.extrapolation))
             callbacks.append(
                 ModelCheckpoint(
@@ -198,11 +209,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 default_root_dir=str(run_dir),
             )
             ckpt = cfg.get("ckpt_path") if stage == start else None
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+            with timer.stage(f"train {tag}"):
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         if module.trainer.is_global_zero:
-            lora.save_value_vectors(module.policy, run_dir / "adapters", module.values)
+            lora.save_value_vectors(module.policy, run_dir / "adapters", module.adapter_names)
             write_json(run_dir / "metrics.json", metrics)
+            write_json(run_dir / "timings.json", timer.rows)
     finally:
         _finish_wandb(loggers)
     return metrics

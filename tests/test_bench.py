@@ -50,6 +50,9 @@ def _run(name, side, steps_per_s, rss, loss=LN2, **extra):
         "steps_per_s": steps_per_s,
         "s_per_step": 1 / steps_per_s,
         "cpu_s_per_step": 2 / steps_per_s,
+        "step_s_min": 0.9 / steps_per_s,
+        "step_s_median": 1 / steps_per_s,
+        "load_before": 1.0,
         "response_tokens_per_s": 100 * steps_per_s,
         "peak_rss_mib": rss,
         "setup_s": 1.0,
@@ -75,6 +78,7 @@ def test_summary_takes_medians_and_compares_with_the_best_trl(bench):
     head = summary["headline"]
     assert head["best_trl"] == "trl/fp32+precompute-ref"
     assert head["speedup_vs_best_trl"] == pytest.approx(2.0)
+    assert head["speedup_median_step"] == pytest.approx(2.0)
     assert head["peak_rss_ratio"] == pytest.approx(510 / 650)
     assert all(bt.checks(results).values())
     results[3]["first_loss"] = 0.7

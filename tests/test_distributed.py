@@ -17,7 +17,7 @@ from mva_lightning.train import train
 
 VALUES = ("helpful", "harmless")
 # 20 train pairs per value (24 toy pairs, 2 test, 2 val): 5 steps of a global batch of 4.
-COMMON = ("optimizer.lr=1e-3", "callbacks=none", "~extrapolation", "trainer.max_epochs=2")
+COMMON = ("optimizer.lr=1e-3", "callbacks=none", "extrapolation=none", "trainer.max_epochs=2")
 
 
 def _adapters(run):

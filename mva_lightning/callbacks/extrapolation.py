@@ -51,8 +51,14 @@ class ExtrapolationCallback(L.Callback):
     def out_dir(self, run_dir: str | os.PathLike) -> Path:
         return Path(run_dir) / self.output_subdir
 
-    def run(self, policy, datamodule, values: Sequence[str], run_dir) -> ExtrapolationResult:
-        """The sweep over a trained policy, written to ``<run_dir>/<output_subdir>``."""
+    def run(
+        self, policy, datamodule, values: Sequence[str], run_dir, adapters=None
+    ) -> ExtrapolationResult:
+        """The sweep over a trained policy, written to ``<run_dir>/<output_subdir>``.
+
+        ``adapters``: what the candidates weight when it is not one adapter per value (a
+        baseline's shared adapter); the scores stay per value.
+        """
         self.result = extrapolate(
             policy,
             datamodule,
@@ -65,6 +71,7 @@ class ExtrapolationCallback(L.Callback):
             report_split=self.report_split,
             run_dir=run_dir,
             progress=self.progress,
+            adapters=adapters,
         )
         return self.result
 
@@ -79,13 +86,18 @@ class ExtrapolationCallback(L.Callback):
             self.reference_point,
             self.save,
             self.report_split,
+            _adapters(pl_module),
         )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.stage != len(pl_module.stages) - 1 or not trainer.is_global_zero:
             return
         result = self.run(
-            pl_module.policy, trainer.datamodule, pl_module.values, trainer.default_root_dir
+            pl_module.policy,
+            trainer.datamodule,
+            pl_module.values,
+            trainer.default_root_dir,
+            _adapters(pl_module),
         )
         self._log(trainer, result)
 
@@ -107,3 +119,9 @@ class ExtrapolationCallback(L.Callback):
                     logger.log_image("pareto/plot", images=[str(plot)])
                 logger.experiment.summary.update(metrics)
             logger.save()
+
+
+def _adapters(pl_module: L.LightningModule) -> list[str] | None:
+    # The adapters a candidate w weights: None when they are the values (MVA, SOUP).
+    names = list(getattr(pl_module, "adapter_names", pl_module.values))
+    return names if names != list(pl_module.values) else None

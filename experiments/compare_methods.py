@@ -1,0 +1,317 @@
+"""Does MVA's front dominate the baselines? Every method (conf/method/) on one setting.
+
+Each method trains with the same base model, LoRA, beta, data and evaluator; each run's
+extrapolation sweep scores its candidates (MVA / SOUP / ablations: their grids; DPO, DPO-LW,
+DPO-SeqT, MODPO: one model per run, the candidate [[1.0]]) on the same held-out split with the
+same objective. A method's points are the union over its runs; its front is the non-dominated
+set; its hypervolume uses ONE reference point shared by every method: the base model's scores
+(w = 0). Per method: hypervolume, best score per value, trained runs and wall time, as the mean
+and spread (std) over seeds.
+
+Settings:
+- ``tiny`` (default, minutes on 2 cores): the random-init 2-layer model on generated toy pairs
+  where the values conflict (helpful prefers compliance on every prompt, harmless prefers a
+  refusal on risky prompts); objective: implicit-reward accuracy on the test pairs.
+- ``embedded``: the embedded default (SmolLM2-135M, three embedded values, generation scored by
+  the values' scorers), sized down for the CPU (one epoch, fewer prompts).
+- ``hh_2values``: the HH-RLHF rows in ``../shared/data/hh-rlhf/`` (offline), SmolLM2-135M on
+  the CPU, generation scored by the Bradley-Terry heads in ``experiments/results/bt/``.
+
+    python experiments/compare_methods.py [--setting tiny] [--seeds 3] [--methods mva soup ...]
+
+Writes ``experiments/results/compare_methods/<setting>.{json,csv}`` and ``<setting>.png``;
+the run folders go to ``outputs/compare_methods/<setting>/seed<N>/`` (``--work``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import random
+import statistics
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HH = REPO.parent / "shared" / "data" / "hh-rlhf"
+OUT = REPO / "experiments" / "results" / "compare_methods"
+METHODS = [
+    "mva",
+    "soup",
+    "dpo",
+    "dpo_lw",
+    "dpo_seqt",
+    "modpo",
+    "mva_no_mi",
+    "mva_no_extrapolation",
+    "mva_orthogonal",
+]
+# The MI group of each method, passed on the command line too: an experiment's
+# `override /mi` would otherwise win over the method's (experiments are applied last).
+MI = {m: "none" for m in METHODS} | {"mva": "hsic", "mva_no_extrapolation": "hsic"}
+MI["mva_orthogonal"] = "orthogonal"
+SWEEP = [[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]]  # DPO-LW and MODPO: one run per w (K = 2)
+
+
+def toy_files(folder: Path, n: int = 96, seed: int = 0) -> dict[str, Path]:
+    """Conflicting toy values in HH format: helpful = comply, harmless = refuse risky prompts."""
+    rng = random.Random(seed)
+    words = "apples rivers lamps code music trains salt maps clocks paper".split()
+    risky = "pick a lock|make a weapon|hack a phone|steal a car".split("|")
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[str]] = {"helpful": [], "harmless": []}
+    for i in range(n):
+        topic = rng.choice(risky) if i % 2 else f"{rng.choice(words)} and {rng.choice(words)}"
+        prompt = f"\n\nHuman: Tell me how to {topic} ({i}).\n\nAssistant:"
+        comply = f" Sure, first {rng.choice(words)}, then {rng.choice(words)}."
+        refuse = f" I cannot help with that, sorry{'.' * rng.randint(1, 3)}"
+        rows["helpful"].append(_pair(prompt, comply, refuse))
+        if i % 2:  # risky: the values disagree
+            rows["harmless"].append(_pair(prompt, refuse, comply))
+        else:
+            rows["harmless"].append(_pair(prompt, comply, f" {rng.choice(words)}, you fool."))
+    paths = {}
+    for value, lines in rows.items():
+        paths[value] = folder / f"{value}.jsonl.gz"
+        with gzip.open(paths[value], "wt") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return paths
+
+
+def _pair(prompt: str, chosen: str, rejected: str) -> str:
+    return json.dumps({"chosen": prompt + chosen, "rejected": prompt + rejected})
+
+
+def setting_overrides(setting: str, data_dir: Path) -> list[str]:
+    """Overrides shared by every method of a setting."""
+    if setting == "tiny":
+        files = toy_files(data_dir)
+        return [
+            "model=tiny",
+            "value=[helpful,harmless]",
+            "data=paper",
+            "extrapolation=grid",
+            f"value.helpful.source.files=[{files['helpful']}]",
+            f"value.harmless.source.files=[{files['harmless']}]",
+            "data.loader.max_length=64",
+            "data.loader.max_prompt_length=40",
+            "data.loader.batch_size=4",
+            "data.split.test=0.25",
+            "data.split.val=0.1",
+            "data.split.by_prompt=true",
+            "trainer.max_epochs=2",
+            "optimizer.lr=5e-4",
+            "extrapolation.objective.split=test",
+        ]
+    if setting == "embedded":
+        return [
+            "trainer.max_epochs=1",
+            "extrapolation.objective.num_prompts=12",
+            "extrapolation.objective.prompts_split=test",
+        ]
+    if setting == "hh_2values":
+        bt = REPO / "experiments" / "results" / "bt"
+        return [
+            "+experiment=hh_2values",
+            "model=smollm2",
+            "trainer=cpu",
+            f"value.helpful.source.files=[{HH / 'helpful-base-test.jsonl.gz'}]",
+            f"value.harmless.source.files=[{HH / 'harmless-base-test.jsonl.gz'}]",
+            "value.helpful.max_pairs=400",
+            "value.harmless.max_pairs=400",
+            "data.split.test=0.1",
+            "data.split.val=0.05",
+            "data.loader.max_length=192",
+            "data.loader.max_prompt_length=96",
+            "data.loader.batch_size=4",
+            "optimizer.lr=5e-4",
+            "trainer.max_epochs=1",
+            "scorer@value.helpful.scorer=bt",
+            "scorer@value.harmless.scorer=bt",
+            f"value.helpful.scorer.path={bt / 'helpful'}",
+            f"value.harmless.scorer.path={bt / 'harmless'}",
+            "extrapolation.objective.prompts_split=test",
+            "extrapolation.objective.num_prompts=16",
+            "extrapolation.objective.max_new_tokens=32",
+            "extrapolation.candidates.start=0.5",
+            "extrapolation.candidates.step=0.5",
+            "extrapolation.candidates.stop=1.5",
+        ]
+    raise SystemExit(f"--setting: expected tiny, embedded or hh_2values, got {setting!r}")
+
+
+def method_runs(method: str, run_root: Path, num_values: int) -> list[tuple[str, list[str]]]:
+    """(run name, extra overrides) for each trained run of a method."""
+    base = [f"method={method}", f"mi={MI[method]}"]
+    if method == "dpo":
+        one_hot = [[float(i == k) for i in range(num_values)] for k in range(num_values)]
+        return [(f"dpo_{k}", [*base, f"method.weights={w}"]) for k, w in enumerate(one_hot)]
+    if method in ("dpo_lw", "modpo"):
+        if num_values != 2:
+            raise SystemExit(f"{method}: the weight sweep here is for two values")
+        extra = (
+            [f"method.margin_from={run_root / 'soup' / 'adapters'}"] if method == "modpo" else []
+        )
+        return [
+            (f"{method}_{i}", [*base, *extra, f"method.weights={w}"]) for i, w in enumerate(SWEEP)
+        ]
+    return [(method, base)]
+
+
+def run_points(run_dir: Path) -> tuple[list[list[float]], dict[str, float], list[str]]:
+    """Scores of every candidate of a finished run, the base scores and the values."""
+    data = json.loads((run_dir / "extrapolation" / "pareto.json").read_text())
+    values = data["values"]
+    points = [[float(row[v]) for v in values] for row in data["rows"]]
+    return points, data["base_scores"], values
+
+
+def compare_seed(setting: str, seed: int, methods: list[str], root: Path) -> dict:
+    """Every method on one seed: per method its points, front, hypervolume and times."""
+    import numpy as np
+
+    from mva_lightning import pareto
+    from mva_lightning.train import train
+
+    common = setting_overrides(setting, root / "data")
+    if "modpo" in methods and "soup" not in methods:
+        methods = ["soup", *methods]  # MODPO's frozen margins come from the soup run
+    order = sorted(methods, key=lambda m: m != "soup")
+    out: dict[str, dict] = {}
+    base, values = None, None
+    for method in order:
+        points, seconds, runs = [], 0.0, 0
+        for name, extra in method_runs(method, root, 2 if setting != "embedded" else 3):
+            run_dir = root / name
+            overrides = [
+                *common,
+                *extra,
+                f"seed={seed}",
+                f"paths.output_dir={run_dir}",
+                "logger=csv",
+                "callbacks=none",
+                "extrapolation.report_split=null",
+                "trainer.enable_progress_bar=false",
+            ]
+            start = time.perf_counter()
+            train(_compose(overrides))
+            seconds += time.perf_counter() - start
+            runs += 1
+            got, run_base, values = run_points(run_dir)
+            points += got
+            if base is None:
+                base = run_base
+            elif any(abs(base[v] - run_base[v]) > 1e-6 for v in values):
+                raise RuntimeError(f"{name}: base scores {run_base} differ from {base}")
+        arr = np.array(points)
+        mask = pareto.pareto_mask(arr)
+        ref = [base[v] for v in values]
+        out[method] = {
+            "points": arr.tolist(),
+            "front": arr[mask].tolist(),
+            "hypervolume": pareto.hypervolume(arr[mask], ref),
+            "best": {v: float(arr[:, i].max()) for i, v in enumerate(values)},
+            "runs": runs,
+            "seconds": seconds,
+        }
+    return {"seed": seed, "values": values, "reference": [base[v] for v in values], **out}
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def summarise(per_seed: list[dict], methods: list[str]) -> list[dict]:
+    """One table row per method: mean and std over seeds."""
+    values = per_seed[0]["values"]
+    rows = []
+    for m in methods:
+        row: dict = {"method": m}
+        series = {
+            "hypervolume": [s[m]["hypervolume"] for s in per_seed],
+            **{f"best/{v}": [s[m]["best"][v] for s in per_seed] for v in values},
+            "runs": [s[m]["runs"] for s in per_seed],
+            "seconds": [s[m]["seconds"] for s in per_seed],
+        }
+        for key, xs in series.items():
+            row[f"{key}_mean"] = statistics.fmean(xs)
+            row[f"{key}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--setting", default="tiny", choices=["tiny", "embedded", "hh_2values"])
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--work", type=Path, default=None, help="run folders (outputs/compare_methods)")
+    args = p.parse_args(argv)
+    if args.setting == "hh_2values" and not HH.is_dir():
+        raise SystemExit(f"hh_2values needs the HH-RLHF files in {HH}")
+    logging.getLogger("lightning").setLevel(logging.WARNING)
+    from mva_lightning import pareto
+    from mva_lightning.io import write_csv, write_json
+
+    work = args.work or REPO / "outputs" / "compare_methods" / args.setting  # gitignored
+    start = time.perf_counter()
+    per_seed = []
+    for seed in range(args.seeds):
+        per_seed.append(compare_seed(args.setting, seed, args.methods, work / f"seed{seed}"))
+    wall = time.perf_counter() - start
+    rows = summarise(per_seed, args.methods)
+    stem = args.out / args.setting
+    write_json(
+        stem.with_suffix(".json"),
+        {
+            "setting": args.setting,
+            "seeds": args.seeds,
+            "wall_s": wall,
+            "table": rows,
+            "per_seed": per_seed,
+        },
+    )
+    write_csv(stem.with_suffix(".csv"), rows)
+    import numpy as np
+
+    first = per_seed[0]
+    mva = np.array(first["mva"]["points"]) if "mva" in first else None
+    main_m = "mva" if mva is not None else args.methods[0]
+    pts = np.array(first[main_m]["points"])
+    pareto.plot_front(
+        pts,
+        first["values"],
+        pareto.pareto_mask(pts),
+        None,
+        stem.with_suffix(".png"),
+        title=f"{args.setting}, seed 0: {main_m} (grey/blue) vs baselines",
+        reference=first["reference"],
+        extra_fronts={m: np.array(first[m]["front"]) for m in args.methods if m != main_m},
+    )
+    _print(rows, first["values"], wall)
+    return rows
+
+
+def _print(rows: list[dict], values: list[str], wall: float) -> None:
+    head = ["method", "HV", *(f"best {v}" for v in values), "runs", "seconds"]
+    print(" | ".join(head))
+    for r in rows:
+        cells = [
+            r["method"],
+            f"{r['hypervolume_mean']:.4f} ± {r['hypervolume_std']:.4f}",
+            *(f"{r[f'best/{v}_mean']:.3f} ± {r[f'best/{v}_std']:.3f}" for v in values),
+            f"{r['runs_mean']:.0f}",
+            f"{r['seconds_mean']:.1f}",
+        ]
+        print(" | ".join(cells))
+    print(f"wall time {wall:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

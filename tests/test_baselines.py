@@ -1,0 +1,190 @@
+"""Baselines (conf/method/, mva_lightning/baselines.py): configs run, DPO-LW / MODPO identities."""
+
+import json
+
+import pytest
+import torch
+from conftest import compose, toy_overrides
+from safetensors.torch import load_file
+
+from mva_lightning.baselines import FROZEN_PREFIX, method_inputs
+from mva_lightning.losses import dpo_loss, modpo_margin
+from mva_lightning.module import MVAModule
+from mva_lightning.train import train
+
+METHODS = [
+    "mva",
+    "soup",
+    "dpo",
+    "dpo_lw",
+    "dpo_seqt",
+    "modpo",
+    "mva_no_mi",
+    "mva_no_extrapolation",
+    "mva_orthogonal",
+]
+SHARED = {"dpo", "dpo_lw", "dpo_seqt", "modpo"}
+
+
+@pytest.fixture
+def frozen_run(tmp_path):
+    """A run folder's ``adapters/`` with a non-zero harmless vector (MODPO's margin source)."""
+    from mva_lightning import lora
+    from mva_lightning.models import tiny_llama
+
+    cfg = compose(["model=tiny"])
+    backbone = tiny_llama(**{k: v for k, v in cfg.model.loader.items() if k != "_target_"})
+    policy = lora.add_value_vectors(backbone.model, ["harmless"], r=8, lora_alpha=16)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B.harmless" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    folder = tmp_path / "soup_run" / "adapters"
+    lora.save_value_vectors(policy, folder, ["harmless"])
+    return folder
+
+
+def _adapter(run, name):
+    return load_file(run / "adapters" / name / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_config_runs_a_fast_dev_run(method, toy_data, frozen_run, tmp_path):
+    out = tmp_path / method
+    extra = [f"method={method}", "+trainer.fast_dev_run=true", "callbacks=none"]
+    extra.append("extrapolation.candidates.step=0.5")  # 4 grid / 3 simplex candidates
+    if method == "modpo":
+        extra.append(f"method.margin_from={frozen_run}")
+    metrics = train(compose(toy_overrides(toy_data, out, *extra)))
+    trained = sorted(p.name for p in (out / "adapters").iterdir())
+    assert trained == (["policy"] if method in SHARED else ["harmless", "helpful"])
+    manifest = json.loads((out / "extrapolation" / "pareto.json").read_text())
+    expected = {"soup": 3, "mva_no_extrapolation": 3}.get(method, 1 if method in SHARED else 4)
+    assert metrics["pareto/num_candidates"] == expected == len(manifest["rows"])
+    assert {"helpful", "harmless"} <= set(manifest["rows"][0])  # scored on every value
+    if method in SHARED:
+        assert manifest["rows"][0]["w/policy"] == 1.0
+
+
+def test_method_configs_override_only_what_differs():
+    base = compose(["model=tiny"])
+    assert base.method.name == "mva" and base.method.shared_adapter is None
+    soup = compose(["model=tiny", "method=soup"])
+    assert soup.mi.alpha == 0 and soup.extrapolation.candidates.mode == "simplex"
+    assert soup.train == base.train and soup.model == base.model and soup.data == base.data
+    seqt = compose(["model=tiny", "method=dpo_seqt"])
+    assert seqt.train.schedule == "sequential" and seqt.method.shared_adapter == "policy"
+    lw = compose(["model=tiny", "method=dpo_lw", "method.weights=[0.2,0.8]"])
+    assert lw.train.schedule == "joint" and list(lw.method.weights) == [0.2, 0.8]
+    assert compose(["model=tiny", "method=mva_orthogonal"]).mi.estimator._target_.endswith(
+        "Orthogonal"
+    )
+
+
+def test_dpo_lw_one_hot_equals_single_value_dpo(toy_data, tmp_path):
+    steps = ["trainer.max_steps=3", "extrapolation=none", "callbacks=none"]
+    lw = tmp_path / "lw"
+    train(compose(toy_overrides(toy_data, lw, "method=dpo_lw", "method.weights=[1.0,0.0]", *steps)))
+    single = tmp_path / "single"
+    overrides = [o for o in toy_overrides(toy_data, single) if not o.startswith("value")]
+    single_overrides = [
+        *overrides,
+        "value=[helpful]",
+        f"value.helpful.source.files=[{toy_data['helpful']}]",
+        "mi=none",
+        *steps,
+    ]
+    train(compose(single_overrides))
+    a, b = _adapter(lw, "policy"), _adapter(single, "helpful")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert any(bool(t.abs().sum() > 0) for k, t in a.items() if "lora_B" in k)  # it trained
+    other = tmp_path / "other"
+    train(
+        compose(toy_overrides(toy_data, other, "method=dpo_lw", "method.weights=[0.0,1.0]", *steps))
+    )
+    c = _adapter(other, "policy")
+    assert any(not torch.equal(a[k], c[k]) for k in a if "lora_B" in k)  # the test can fail
+
+
+def test_modpo_margin_hand_numbers_and_zero_weights():
+    margins = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # (J=2, B=2) r_j(y_w) - r_j(y_l)
+    out = modpo_margin(margins, torch.tensor([0.5, 0.25]), own_weight=0.5)
+    torch.testing.assert_close(out, torch.tensor([2.5, 4.0]))  # (0.5*1+0.25*3)/0.5, ...
+    zero = modpo_margin(margins, torch.zeros(2), own_weight=1.0)
+    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.5])
+    rc, rr = torch.tensor([-3.5, -5.0]), torch.tensor([-3.0, -4.0])
+    plain = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    with_margin = dpo_loss(pc, pr, rc, rr, beta=0.1 / 1.0, margin=zero)
+    torch.testing.assert_close(with_margin.losses, plain.losses, rtol=0, atol=0)
+    # w_k = 0.5, margin m: logits = (beta h - sum w_j dr_j) / w_k
+    h = (pc - rc) - (pr - rr)
+    m = modpo_margin(margins, torch.tensor([0.5, 0.25]), own_weight=0.5)
+    expected = -torch.nn.functional.logsigmoid((0.1 * h - torch.tensor([1.25, 2.0])) / 0.5)
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta=0.1 / 0.5, margin=m).losses, expected)
+    with pytest.raises(ValueError, match="own_weight"):
+        modpo_margin(margins, torch.ones(2), own_weight=0.0)
+
+
+def test_modpo_margins_once_and_zero_weight_equals_dpo(toy_data, frozen_run, tmp_path, monkeypatch):
+    calls = []
+    original = MVAModule.precompute_margins
+
+    def counting(self, value, split):
+        calls.append((value, split))
+        return original(self, value, split)
+
+    monkeypatch.setattr(MVAModule, "precompute_margins", counting)
+    steps = ["trainer.max_steps=4", "extrapolation=none", "callbacks=none"]
+    modpo = tmp_path / "modpo"
+    overrides = toy_overrides(
+        toy_data,
+        modpo,
+        "method=modpo",
+        f"method.margin_from={frozen_run}",
+        "method.weights=[1.0,0.0]",
+        *steps,
+    )
+    train(compose(overrides))
+    assert sorted(calls) == [("helpful", "train"), ("helpful", "val")]  # once, not per step
+    dpo = tmp_path / "dpo"
+    train(compose(toy_overrides(toy_data, dpo, "method=dpo", "method.weights=[1.0,0.0]", *steps)))
+    a, b = _adapter(modpo, "policy"), _adapter(dpo, "policy")
+    for k in a:  # margin weights 0 and w_k = 1: the margin term vanishes, MODPO == DPO
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert [p.name for p in (modpo / "adapters").iterdir()] == ["policy"]  # frozen not saved
+
+
+def test_modpo_nonzero_margin_changes_training(toy_data, frozen_run, tmp_path):
+    steps = ["trainer.max_steps=3", "extrapolation=none", "callbacks=none"]
+    runs = {}
+    for i, w in enumerate(("[1.0,0.0]", "[0.5,0.5]")):
+        out = tmp_path / f"run{i}"
+        overrides = toy_overrides(
+            toy_data, out, "method=modpo", f"method.margin_from={frozen_run}", *steps
+        )
+        train(compose([*overrides, f"method.weights={w}"]))
+        runs[w] = _adapter(out, "policy")
+    a, b = runs.values()
+    assert any(not torch.equal(a[k], b[k]) for k in a if "lora_B" in k)
+
+
+def test_method_inputs_bad_input(tmp_path):
+    with pytest.raises(ValueError, match=r"method.weights=\[1.0\]: expected 2 entries"):
+        method_inputs(["helpful", "harmless"], weights=[1.0])
+    with pytest.raises(ValueError, match=">= 0"):
+        method_inputs(["helpful", "harmless"], weights=[1.0, -1.0])
+    with pytest.raises(ValueError, match="margin_from=.*no adapter_model.safetensors"):
+        method_inputs(["helpful", "harmless"], "modpo", "policy", [0.5, 0.5], tmp_path)
+    with pytest.raises(ValueError, match="shared_adapter"):
+        method_inputs(["helpful"], shared_adapter=FROZEN_PREFIX + "x")
+    mva = method_inputs(["helpful", "harmless"])
+    assert mva.adapters == {"helpful": "helpful", "harmless": "harmless"}
+    assert mva.loss_weights == {"helpful": 1.0, "harmless": 1.0} and not mva.margin_weights
+
+
+def test_shared_adapter_with_mi_penalty_is_refused(toy_data, tmp_path):
+    cfg = compose(toy_overrides(toy_data, tmp_path, "method=dpo_lw", "mi=hsic"))
+    with pytest.raises(ValueError, match="one adapter per value"):
+        train(cfg)
