@@ -4,7 +4,7 @@ Each point runs in its own child process (peak RSS per point). Three sweeps:
 
 - ``values``: K = 1..4 value vectors trained by the sequential schedule (one stage per value,
   HSIC penalty for K >= 2), the same pairs per value. Expected: fit time linear in K.
-- ``pairs``: one value, 16 / 32 / 64 training pairs. Expected: fit time linear in pairs.
+- ``pairs``: one value, 32 / 64 / 128 training pairs. Expected: fit time linear in pairs.
 - ``candidates``: the extrapolation sweep (:func:`mva_lightning.extrapolate.extrapolate`,
   implicit-reward objective on held-out pairs) over grids of 9 / 25 / 100 preference vectors
   for K = 2. Expected: linear in candidates (+1: the base, w = 0, is always scored).
@@ -40,10 +40,10 @@ DEFAULT_OUT = HERE / "results" / "bench_scaling.json"
 
 FULL = {
     "values": [1, 2, 3, 4],
-    "pairs": [16, 32, 64],
+    "pairs": [32, 64, 128],
     "candidates": [3, 5, 10],  # grid points per axis: 9, 25, 100 candidates for K = 2
-    "pairs_per_value": 16,
-    "val_pairs": 16,
+    "pairs_per_value": 64,
+    "val_pairs": 32,
     "batch": 4,
     "max_length": 96,
     "max_prompt_length": 48,
@@ -163,6 +163,10 @@ def child_sweep(spec: dict) -> dict:
 
 
 def child(spec: dict) -> None:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     t_ready = time.perf_counter()
     result = child_sweep(spec) if spec["sweep"] == "candidates" else child_train(spec)
     result.update(sweep=spec["sweep"], x=spec["x"], start_to_ready_s=t_ready - T_START)
@@ -212,6 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke size")
     parser.add_argument("--sweeps", default="values,pairs,candidates")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per child (0: torch's default)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         for spec in points(size, Path(tmp)):
             if spec["sweep"] not in sweeps:
                 continue
-            spec["tmp"] = tempfile.mkdtemp(dir=tmp)
+            spec.update(tmp=tempfile.mkdtemp(dir=tmp), threads=args.threads)
             load = bu.load_average()
             r = bu.run_child(Path(__file__), spec)
             r.update(expected=spec["expected"], load_before=load)
@@ -254,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(bu.table(rows, cols))
     report = {
         "machine": bu.machine(),
-        "command": " ".join(sys.argv),
+        "command": "python experiments/bench_scaling.py " + " ".join(sys.argv[1:]),
         "size": size,
         "notes": {
             "values": "sequential schedule, one stage per value, fit_s = sum of stage fits",

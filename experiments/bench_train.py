@@ -52,6 +52,7 @@ LEVERS: dict[str, list[str]] = {
     "ours": [],
     "ours/no-precompute-ref": ["train.precompute_reference=false"],
     "ours/head-on-all-positions": ["train.head_on_response_only=false"],
+    "ours/share-prompt": ["train.share_prompt=true"],
     "ours/bucket-by-length": ["data.loader.bucket_by_length=true"],
     "ours/no-logger": ["~logger"],
 }
@@ -84,6 +85,7 @@ SIZES: dict[str, dict[str, Any]] = {
             "ours",
             "ours/no-precompute-ref",
             "ours/head-on-all-positions",
+            "ours/share-prompt",
             *TRL_CONFIGS,
         ],
     },

@@ -308,7 +308,8 @@ def extrapolate(
 
     report: list[dict[str, float]] = [{} for _ in weights]
     if report_objective is not None:
-        front = [w for w, m in zip(weights, mask, strict=True) if m]
+        # The base (w = 0) is scored on the report split too: the honest comparison there.
+        front = [zero, *(w for w, m in zip(weights, mask, strict=True) if m and w != zero)]
         got, _, _, _ = _score_all(
             policy,
             datamodule,
@@ -321,6 +322,7 @@ def extrapolate(
             names,
         )
         split = report_objective.split
+        base = {**base, **{f"{split}/{k}": s for k, s in got[zero].items()}}
         for i, w in enumerate(weights):
             if w in got:
                 report[i] = {f"{split}/{k}": s for k, s in got[w].items()}

@@ -72,6 +72,8 @@ class MVAModule(L.LightningModule):
         reference_model: A separate frozen reference; ``None`` uses the policy at w = 0.
         precompute_reference: Compute reference log-probs once per stage and reuse them.
         head_on_response_only: Run the LM head only on response positions.
+        share_prompt: Run each prompt once for its chosen and rejected rows (KV cache shared;
+            same log-probs). Off while MI activation features are captured.
         label_smoothing: Conservative-DPO epsilon.
         accumulate_grad_batches: Batches per optimizer step.
         gradient_clip_val: Max gradient norm (None: no clipping).
@@ -99,6 +101,7 @@ class MVAModule(L.LightningModule):
         reference_model: nn.Module | None = None,
         precompute_reference: bool = True,
         head_on_response_only: bool = True,
+        share_prompt: bool = False,
         label_smoothing: float = 0.0,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
@@ -157,6 +160,8 @@ class MVAModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.precompute_reference = precompute_reference
         self.head_on_response_only = head_on_response_only
+        self.share_prompt = share_prompt
+        self._capturing = False  # capture_inputs needs one forward over the whole batch
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self.mi_max_samples = mi_max_samples
@@ -229,6 +234,7 @@ class MVAModule(L.LightningModule):
             batch["attention_mask"],
             batch["response_mask"],
             self.head_on_response_only,
+            share_prompt=self.share_prompt and not self._capturing,
         )
 
     @torch.no_grad()
@@ -241,6 +247,7 @@ class MVAModule(L.LightningModule):
                 batch["attention_mask"],
                 batch["response_mask"],
                 self.head_on_response_only,
+                share_prompt=self.share_prompt,
             )
         with lora.using_weights(self.policy, {}):
             return self.policy_logps({}, batch)
@@ -387,9 +394,11 @@ class MVAModule(L.LightningModule):
                     store[_name] = args[0]
 
                 handles.append(layer.register_forward_pre_hook(hook))
+        self._capturing = enabled
         try:
             yield store
         finally:
+            self._capturing = False
             for h in handles:
                 h.remove()
 

@@ -116,6 +116,48 @@ def test_scaling_ratios_against_expected(bench):
     assert rows[3]["time_s"] == 2.6 and rows[3]["expected_ratio"] == pytest.approx(2.6)
 
 
+def test_share_prompt_gives_the_plain_log_probs_and_gradients():
+    import torch
+
+    from mva_lightning import lora
+    from mva_lightning.data.collate import collate_pairs, tokenize_pair
+    from mva_lightning.data.sources import PreferencePair
+    from mva_lightning.logps import response_logps
+    from mva_lightning.models import tiny_llama
+
+    backbone = tiny_llama()
+    tok = backbone.tokenizer
+    pairs = [  # prompts of different lengths, responses of different lengths
+        PreferencePair("Q: hi\nA:", " hello there", " no"),
+        PreferencePair("Q: a longer question here?\nA:", " yes", " a much longer answer"),
+        PreferencePair("Q: x\nA:", " y", " z"),
+    ]
+    batch = collate_pairs([tokenize_pair(p, i, tok, 64, 40) for i, p in enumerate(pairs)], 0)
+    policy = lora.add_value_vectors(backbone.model, ["v"])
+    lora.set_trainable(policy, ["v"])
+    lora.set_weights(policy, {"v": 1.0})
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    args = (policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    out = {}
+    for share in (False, True):
+        policy.zero_grad(set_to_none=True)
+        logps = response_logps(*args, share_prompt=share)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        out[share] = (logps.detach(), grads)
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-4)
+    assert out[True][1].keys() == out[False][1].keys() and out[True][1]
+    for k, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][k], g, rtol=1e-4, atol=1e-6)
+    # Rows that do not share their prompt (not a [chosen; rejected] batch) take the plain path.
+    swapped = [t[[0, 1, 2, 4, 3, 5]] for t in args[1:]]
+    plain = response_logps(policy, *swapped)
+    torch.testing.assert_close(response_logps(policy, *swapped, share_prompt=True), plain)
+
+
 def _script(name, out, *args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(EXPERIMENTS / name), "--quick", "--out", str(out), *args]

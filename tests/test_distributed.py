@@ -107,7 +107,24 @@ def test_strategy_configs_compose(name, tmp_path):
 
 
 def test_fsdp_strategy_builds_and_wraps_lora_apart(tmp_path):
-    cfg = compose(["trainer=fsdp", f"paths.output_dir={tmp_path}"])
+    from mva_lightning import lora
+    from mva_lightning.models import tiny_llama
+
+    cfg = compose(["model=tiny", "trainer=fsdp", f"paths.output_dir={tmp_path}"])
     strategy = instantiate(cfg.trainer.strategy)
     assert type(strategy).__name__ == "FSDPStrategy"
-    assert strategy.kwargs.get("use_orig_params") is True
+    assert strategy.kwargs["use_orig_params"] is True
+    policy = lora.add_value_vectors(tiny_llama().model, list(VALUES))
+    names = {m: n for n, m in policy.named_modules()}
+    # Which modules FSDP would make units of (torch's policy hook; no process group needed).
+    units = [names[m] for m in strategy.kwargs["auto_wrap_policy"]._run_policy(policy, set(), {})]
+    layers = [u for u in units if u.endswith(("layers.0", "layers.1"))]
+    factors = [u for u in units if ".lora_A." in u or ".lora_B." in u]
+    assert len(layers) == 2 and len(units) == len(layers) + len(factors)
+    # Every LoRA factor of every value, trainable or not, is a unit of its own: no unit mixes
+    # frozen base weights with value-vector weights (litgpt#1417).
+    expected = {  # "...q_proj.lora_A.helpful": the nn.Linear of one factor of one value
+        n for n, _ in policy.named_modules() if n.split(".")[-2:-1] in (["lora_A"], ["lora_B"])
+    }
+    assert set(factors) == expected
+    assert len(factors) == 2 * 4 * 2 * len(VALUES)  # layers x (q, k, v, o) x (A, B) x values

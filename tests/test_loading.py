@@ -33,7 +33,14 @@ def _logits(model, ids=IDS):
 def run(tmp_path_factory):
     """A run folder as train() leaves it (config.yaml + adapters/<value>/), and its policy."""
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose([f"paths.output_dir={run_dir}", "extrapolation=none"])
+    cfg = compose(
+        [
+            "model=tiny",
+            "value=[helpful,harmless]",
+            f"paths.output_dir={run_dir}",
+            "extrapolation=none",
+        ]
+    )
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     backbone = instantiate(cfg.model.loader)
     policy = lora.add_value_vectors(backbone.model, VALUES, **cfg.model.lora)
