@@ -170,7 +170,6 @@ def lora_b_is_zero(model) -> bool:
 # --------------------------------------------------------------------------- children
 def child_ours(spec: dict) -> dict:
     """``train(cfg)`` on one value with a step clock callback; returns the measurements."""
-    sys.path.insert(0, str(HERE))
     from hydra import compose, initialize_config_dir
 
     from mva_lightning.train import train
@@ -442,6 +441,10 @@ def main(argv: list[str] | None = None) -> dict:
             rows = make_pairs(tokenizer, n_pairs, size["max_length"], size["max_prompt_length"], 0)
             data = write_jsonl(rows, Path(tmp) / "pairs.jsonl")
             results = []
+            # A throw-away first child: the first run after a pause is slower (caches, clocks).
+            warm = {**plan(model, size, 1, ["ours"])[0], "steps": size["warmup"] + 1}
+            warm.update(data=str(data), tmp=tmp, threads=args.threads)
+            bu.run_child(Path(__file__), warm)
             for spec in plan(model, size, args.reps, names):
                 spec.update(data=str(data), tmp=tempfile.mkdtemp(dir=tmp), threads=args.threads)
                 load = bu.load_average()
