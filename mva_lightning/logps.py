@@ -15,6 +15,8 @@ the cache into the prompt forward, as in the plain path.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -55,20 +57,19 @@ def response_logps(
         response_mask: (S, T) True where token t belongs to the response (the targets).
         head_on_response_only: Run the LM head only at positions predicting a response token.
         share_prompt: Rows i and S/2 + i share their prompt (a ``[chosen; rejected]`` batch):
-            run each prompt once (see the module docstring). Batches that do not have that
-            form, and models without a separable head, take the plain path.
+            run each prompt once (see the module docstring). Needs ``head_on_response_only``;
+            batches that do not have that form, and models without a separable head, take
+            the plain path.
 
     Returns:
         (S,) fp32 log pi(y|x).
     """
     num_seqs = input_ids.shape[0]
-    split = _split_head(model) if (head_on_response_only or share_prompt) else None
+    split = _split_head(model) if head_on_response_only else None
     if share_prompt and split is not None:
         shared = _shared_prompt_logps(*split, input_ids, attention_mask, response_mask)
         if shared is not None:
             return shared
-    if not head_on_response_only:
-        split = None
     target_mask = response_mask[:, 1:].bool()  # (S, T-1): token t+1 is predicted at position t
     targets = input_ids[:, 1:][target_mask]  # (N,)
     if split is not None:
@@ -123,7 +124,8 @@ def _shared_prompt_logps(
     p_pos = src.clamp(min=0)
     p_ids = torch.where(p_mask, input_ids[:b].gather(1, p_pos), 0)
     out = decoder(input_ids=p_ids, attention_mask=p_mask.long(), position_ids=p_pos, use_cache=True)
-    cache = out.past_key_values
+    cache_name = _cache_name(decoder)  # transformers 5 renames past_key_values -> cache
+    cache = getattr(out, cache_name)
     cache.reorder_cache(torch.arange(b, device=device).repeat(2))  # (2B, ...): [prompts; prompts]
 
     # 2. Responses of both rows, continuing from the cache at their own positions.
@@ -135,8 +137,8 @@ def _shared_prompt_logps(
         input_ids=r_ids,
         attention_mask=kv_mask,
         position_ids=r_pos,
-        past_key_values=cache,
         use_cache=True,
+        **{cache_name: cache},
     ).last_hidden_state  # (S, R, d)
 
     # Response token t is predicted at the previous position: the prompt's last for t = 0.
@@ -145,3 +147,8 @@ def _shared_prompt_logps(
     logits = head(predictors[r_mask])  # (N, V), response positions only
     seq_index = torch.arange(num_seqs, device=device)[:, None].expand_as(r_mask)
     return sum_by_sequence(token_logps(logits, r_ids[r_mask]), seq_index[r_mask], num_seqs)
+
+
+def _cache_name(decoder: nn.Module) -> str:
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

@@ -101,7 +101,7 @@ class MVAModule(L.LightningModule):
         reference_model: nn.Module | None = None,
         precompute_reference: bool = True,
         head_on_response_only: bool = True,
-        share_prompt: bool = False,
+        share_prompt: bool = True,
         label_smoothing: float = 0.0,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,

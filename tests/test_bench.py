@@ -136,10 +136,11 @@ def test_share_prompt_gives_the_plain_log_probs_and_gradients():
     policy = lora.add_value_vectors(backbone.model, ["v"])
     lora.set_trainable(policy, ["v"])
     lora.set_weights(policy, {"v": 1.0})
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in policy.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.05)
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
     args = (policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     out = {}
     for share in (False, True):
@@ -150,8 +151,8 @@ def test_share_prompt_gives_the_plain_log_probs_and_gradients():
         out[share] = (logps.detach(), grads)
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-4)
     assert out[True][1].keys() == out[False][1].keys() and out[True][1]
-    for k, g in out[False][1].items():
-        torch.testing.assert_close(out[True][1][k], g, rtol=1e-4, atol=1e-6)
+    for k, g in out[False][1].items():  # float rounding differs: compare at the grad's scale
+        torch.testing.assert_close(out[True][1][k], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
     # Rows that do not share their prompt (not a [chosen; rejected] batch) take the plain path.
     swapped = [t[[0, 1, 2, 4, 3, 5]] for t in args[1:]]
     plain = response_logps(policy, *swapped)
