@@ -12,8 +12,11 @@ Settings:
 - ``tiny`` (default, minutes on 2 cores): the random-init 2-layer model on generated toy pairs
   where the values conflict (helpful prefers compliance on every prompt, harmless prefers a
   refusal on risky prompts); objective: implicit-reward accuracy on the test pairs.
-- ``embedded``: the embedded default (SmolLM2-135M, three embedded values, generation scored by
-  the values' scorers), sized down for the CPU (one epoch, fewer prompts).
+- ``embedded``: the embedded default (SmolLM2-135M-Instruct, pairs built from its own samples,
+  generation scored by the values' scorers), sized for the CPU: two of its values, helpful and
+  positive (``--values`` picks others; the harmless scorer is saturated on the base model, so
+  it cannot separate fronts), at most 32 training pairs per value, one epoch, fronts scored on
+  12 held-out prompts.
 - ``hh_2values``: the HH-RLHF rows in ``../shared/data/hh-rlhf/`` (offline), SmolLM2-135M on
   the CPU, generation scored by the Bradley-Terry heads in ``experiments/results/bt/``.
 
@@ -53,6 +56,18 @@ METHODS = [
 MI = {m: "none" for m in METHODS} | {"mva": "hsic", "mva_no_extrapolation": "hsic"}
 MI["mva_orthogonal"] = "orthogonal"
 SWEEP = [[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]]  # DPO-LW and MODPO: one run per w (K = 2)
+# Methods whose training is another method's, with other candidates: the trained run is reused
+# and only its sweep is rerun (`python -m mva_lightning.extrapolate`) into its own folder.
+SAME_TRAINING = {"soup": "mva_no_mi", "mva_no_extrapolation": "mva"}
+EMBEDDED_VALUES = ["helpful", "positive"]
+
+
+def weight_sweep(num_values: int) -> list[list[float]]:
+    """DPO-LW / MODPO weights: three points for K = 2; for K > 2 each value leads once (0.6)."""
+    if num_values == 2:
+        return SWEEP
+    rest = round(0.4 / (num_values - 1), 4)
+    return [[0.6 if i == k else rest for i in range(num_values)] for k in range(num_values)]
 
 
 def toy_files(folder: Path, n: int = 96, seed: int = 0) -> dict[str, Path]:
@@ -84,8 +99,8 @@ def _pair(prompt: str, chosen: str, rejected: str) -> str:
     return json.dumps({"chosen": prompt + chosen, "rejected": prompt + rejected})
 
 
-def setting_overrides(setting: str, data_dir: Path) -> list[str]:
-    """Overrides shared by every method of a setting."""
+def setting_overrides(setting: str, data_dir: Path, values: list[str] | None = None) -> list[str]:
+    """Overrides shared by every method of a setting (``values``: the embedded values used)."""
     if setting == "tiny":
         files = toy_files(data_dir)
         return [
@@ -106,7 +121,12 @@ def setting_overrides(setting: str, data_dir: Path) -> list[str]:
             "extrapolation.objective.split=test",
         ]
     if setting == "embedded":
+        values = values or EMBEDDED_VALUES
+        unused = [v for v in ("helpful", "harmless", "positive") if v not in values]
         return [
+            f"value=[{','.join(f'embedded_{v}' for v in values)}]",
+            *(f"~extrapolation.objective.scorers.{v}" for v in unused),
+            *(f"value.{v}.max_pairs=32" for v in values),
             "trainer.max_epochs=1",
             "extrapolation.objective.num_prompts=12",
             "extrapolation.objective.prompts_split=test",
@@ -149,74 +169,126 @@ def method_runs(method: str, run_root: Path, num_values: int) -> list[tuple[str,
         one_hot = [[float(i == k) for i in range(num_values)] for k in range(num_values)]
         return [(f"dpo_{k}", [*base, f"method.weights={w}"]) for k, w in enumerate(one_hot)]
     if method in ("dpo_lw", "modpo"):
-        if num_values != 2:
-            raise SystemExit(f"{method}: the weight sweep here is for two values")
-        extra = (
-            [f"method.margin_from={run_root / 'soup' / 'adapters'}"] if method == "modpo" else []
-        )
+        margins = run_root / SAME_TRAINING["soup"] / "adapters"  # independent, no-MI vectors
+        extra = [f"method.margin_from={margins}"] if method == "modpo" else []
         return [
-            (f"{method}_{i}", [*base, *extra, f"method.weights={w}"]) for i, w in enumerate(SWEEP)
+            (f"{method}_{i}", [*base, *extra, f"method.weights={w}"])
+            for i, w in enumerate(weight_sweep(num_values))
         ]
     return [(method, base)]
 
 
-def run_points(run_dir: Path) -> tuple[list[list[float]], dict[str, float], list[str]]:
-    """Scores of every candidate of a finished run, the base scores and the values."""
-    data = json.loads((run_dir / "extrapolation" / "pareto.json").read_text())
+def run_points(
+    run_dir: Path, subdir: str = "extrapolation"
+) -> tuple[list[list[float]], dict[str, float], list[str]]:
+    """Scores of every candidate of a finished run's sweep, the base scores and the values."""
+    data = json.loads((run_dir / subdir / "pareto.json").read_text())
     values = data["values"]
     points = [[float(row[v]) for v in values] for row in data["rows"]]
     return points, data["base_scores"], values
 
 
-def compare_seed(setting: str, seed: int, methods: list[str], root: Path) -> dict:
+def compare_seed(
+    setting: str, seed: int, methods: list[str], root: Path, values: list[str] | None = None
+) -> dict:
     """Every method on one seed: per method its points, front, hypervolume and times."""
-    import numpy as np
-
-    from mva_lightning import pareto
-    from mva_lightning.train import train
-
-    common = setting_overrides(setting, root / "data")
-    if "modpo" in methods and "soup" not in methods:
-        methods = ["soup", *methods]  # MODPO's frozen margins come from the soup run
-    order = sorted(methods, key=lambda m: m != "soup")
+    common = setting_overrides(setting, root / "data", values)
+    num_values = len(values or EMBEDDED_VALUES) if setting == "embedded" else 2
+    needed = set(methods) | {SAME_TRAINING[m] for m in methods if m in SAME_TRAINING}
+    if "modpo" in methods:
+        needed.add(SAME_TRAINING["soup"])  # MODPO's frozen margins: the no-MI vectors
+    # Trained methods first (the no-MI vectors before MODPO), then the re-swept ones.
+    order = sorted(needed, key=lambda m: (m in SAME_TRAINING, m != SAME_TRAINING["soup"]))
     out: dict[str, dict] = {}
-    base, values = None, None
+    base: dict[str, float] | None = None
+    names: list[str] = []
     for method in order:
         points, seconds, runs = [], 0.0, 0
-        for name, extra in method_runs(method, root, 2 if setting != "embedded" else 3):
-            run_dir = root / name
+        for name, extra in method_runs(method, root, num_values):
             overrides = [
                 *common,
                 *extra,
                 f"seed={seed}",
-                f"paths.output_dir={run_dir}",
                 "logger=csv",
                 "callbacks=none",
                 "extrapolation.report_split=null",
                 "trainer.enable_progress_bar=false",
             ]
             start = time.perf_counter()
-            train(_compose(overrides))
+            if method in SAME_TRAINING:
+                donor = SAME_TRAINING[method]
+                run_dir, subdir = root / donor, f"extrapolation_{method}"
+                resweep(overrides, method_runs(donor, root, num_values)[0][1], run_dir, subdir)
+                seconds += out[donor]["seconds"]  # the training it reuses counts too
+            else:
+                run_dir, subdir = root / name, "extrapolation"
+                _train(_compose([*overrides, f"paths.output_dir={run_dir}"]))
+                runs += 1
             seconds += time.perf_counter() - start
-            runs += 1
-            got, run_base, values = run_points(run_dir)
+            got, run_base, names = run_points(run_dir, subdir)
             points += got
             if base is None:
                 base = run_base
-            elif any(abs(base[v] - run_base[v]) > 1e-6 for v in values):
+            elif any(abs(base[v] - run_base[v]) > 1e-6 for v in names):
                 raise RuntimeError(f"{name}: base scores {run_base} differ from {base}")
-        arr = np.array(points)
-        mask = pareto.pareto_mask(arr)
-        ref = [base[v] for v in values]
-        out[method] = {
-            "points": arr.tolist(),
-            "front": arr[mask].tolist(),
-            "hypervolume": pareto.hypervolume(arr[mask], ref),
-            "best": {v: float(arr[:, i].max()) for i, v in enumerate(values)},
-            "runs": runs,
-            "seconds": seconds,
-        }
-    return {"seed": seed, "values": values, "reference": [base[v] for v in values], **out}
+        out[method] = summarise_points(points, [base[v] for v in names], names)
+        out[method] |= {"runs": runs, "seconds": seconds, "trained_with": SAME_TRAINING.get(method)}
+    assert base is not None
+    return {"seed": seed, "values": names, "reference": [base[v] for v in names], **out}
+
+
+def summarise_points(points: list[list[float]], ref: list[float], names: list[str]) -> dict:
+    """A method's points, its non-dominated front, hypervolume against ``ref`` and best scores."""
+    import numpy as np
+
+    from mva_lightning import pareto
+
+    arr = np.array(points)
+    mask = pareto.pareto_mask(arr)
+    return {
+        "points": arr.tolist(),
+        "front": arr[mask].tolist(),
+        "hypervolume": pareto.hypervolume(arr[mask], ref),
+        "best": {v: float(arr[:, i].max()) for i, v in enumerate(names)},
+    }
+
+
+def resweep(overrides: list[str], donor_extra: list[str], run_dir: Path, subdir: str) -> None:
+    """Rerun a finished run's sweep with another method's candidates, into ``run_dir/subdir``.
+
+    Raises:
+        RuntimeError: The two methods' configs differ in more than their candidates.
+    """
+    from omegaconf import OmegaConf
+
+    from mva_lightning.extrapolate import main as extrapolate
+
+    mine = _compose(overrides)
+    donor = _compose(
+        [*[o for o in overrides if not o.startswith(("method=", "mi="))], *donor_extra]
+    )
+    strip = {"extrapolation", "method"}
+    a = {k: v for k, v in OmegaConf.to_container(mine).items() if k not in strip}
+    b = {k: v for k, v in OmegaConf.to_container(donor).items() if k not in strip}
+    if a != b:
+        raise RuntimeError(f"{subdir}: training differs from the run in {run_dir}")
+    candidates = OmegaConf.to_container(mine.extrapolation.candidates, resolve=True)
+    dotlist = [f"extrapolation.candidates.{k}={json.dumps(v)}" for k, v in candidates.items()]
+    extrapolate(
+        [
+            f"run_dir={run_dir}",
+            *dotlist,
+            f"extrapolation.output_subdir={subdir}",
+            "extrapolation.report_split=null",
+            "extrapolation.progress=false",
+        ]
+    )
+
+
+def _train(cfg) -> None:
+    from mva_lightning.train import train
+
+    train(cfg)
 
 
 def _compose(overrides: list[str]):
@@ -231,7 +303,7 @@ def summarise(per_seed: list[dict], methods: list[str]) -> list[dict]:
     values = per_seed[0]["values"]
     rows = []
     for m in methods:
-        row: dict = {"method": m}
+        row: dict = {"method": m, "trained_with": per_seed[0][m].get("trained_with")}
         series = {
             "hypervolume": [s[m]["hypervolume"] for s in per_seed],
             **{f"best/{v}": [s[m]["best"][v] for s in per_seed] for v in values},
@@ -250,6 +322,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--setting", default="tiny", choices=["tiny", "embedded", "hh_2values"])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument(
+        "--values",
+        nargs="+",
+        default=None,
+        choices=["helpful", "harmless", "positive"],
+        help=f"embedded setting: the values compared (default: {' '.join(EMBEDDED_VALUES)})",
+    )
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--work", type=Path, default=None, help="run folders (outputs/compare_methods)")
     args = p.parse_args(argv)
@@ -263,7 +342,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     per_seed = []
     for seed in range(args.seeds):
-        per_seed.append(compare_seed(args.setting, seed, args.methods, work / f"seed{seed}"))
+        per_seed.append(
+            compare_seed(args.setting, seed, args.methods, work / f"seed{seed}", args.values)
+        )
     wall = time.perf_counter() - start
     rows = summarise(per_seed, args.methods)
     stem = args.out / args.setting
