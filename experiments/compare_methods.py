@@ -122,10 +122,8 @@ def setting_overrides(setting: str, data_dir: Path, values: list[str] | None = N
         ]
     if setting == "embedded":
         values = values or EMBEDDED_VALUES
-        unused = [v for v in ("helpful", "harmless", "positive") if v not in values]
         return [
             f"value=[{','.join(f'embedded_{v}' for v in values)}]",
-            *(f"~extrapolation.objective.scorers.{v}" for v in unused),
             *(f"value.{v}.max_pairs=32" for v in values),
             "trainer.max_epochs=1",
             "extrapolation.objective.num_prompts=12",

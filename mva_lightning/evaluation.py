@@ -172,7 +172,8 @@ class GenerationScore(Objective):
     continuation) pairs, never the prompt twice.
 
     Args:
-        scorers: Value name -> scorer (:class:`mva_lightning.scorers.base.Scorer`).
+        scorers: Value name -> scorer (:class:`mva_lightning.scorers.base.Scorer`); entries that
+            are None (a value this run does not have) are dropped.
         prompts_split: Split to take prompts from.
         num_prompts: Size of the prompt set.
         max_new_tokens: Generation length (paper: 200).
@@ -199,11 +200,13 @@ class GenerationScore(Objective):
         max_prompt_length: int | None = None,
         seed: int = 0,
     ) -> None:
+        # None: a value the run does not have (a config listing scorers for optional values).
+        scorers = {v: s for v, s in (scorers or {}).items() if s is not None}
         if not scorers:
             raise ValueError("GenerationScore: expected one scorer per value, got none")
         if num_prompts < 1:
             raise ValueError(f"GenerationScore: num_prompts must be >= 1, got {num_prompts}")
-        self.scorers = dict(scorers)
+        self.scorers = scorers
         self.split, self.num_prompts = prompts_split, num_prompts
         self.generation = dict(
             max_new_tokens=max_new_tokens,
