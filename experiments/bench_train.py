@@ -129,7 +129,11 @@ def make_pairs(tokenizer, n: int, max_length: int, max_prompt_length: int, seed:
     rows = []
     for i in range(n):
         p_len = rng.randint(max_prompt_length // 2, max_prompt_length - 4)
-        prompt = text(p_len - 3, f"Q{i}:") + "\nAnswer:"
+        suffix = "\nAnswer:"
+        extra = len(tokenizer(suffix)["input_ids"])  # the suffix and any special tokens
+        prompt = text(p_len - extra, f"Q{i}:") + suffix
+        if len(tokenizer(prompt)["input_ids"]) > max_prompt_length:  # ours would truncate it
+            raise AssertionError(f"pair {i}: prompt longer than {max_prompt_length} tokens")
         room = max_length - len(tokenizer(prompt)["input_ids"]) - 1  # eos
         c_len, r_len = rng.randint(room // 4, room), rng.randint(room // 4, room)
         rows.append({"prompt": prompt, "chosen": text(c_len, ""), "rejected": text(r_len, "")})

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose, toy_overrides
+from conftest import REPO, compose, toy_overrides
 from safetensors.torch import load_file
 
 from mva_lightning.baselines import FROZEN_PREFIX, method_inputs
@@ -188,3 +188,48 @@ def test_shared_adapter_with_mi_penalty_is_refused(toy_data, tmp_path):
     cfg = compose(toy_overrides(toy_data, tmp_path, "method=dpo_lw", "mi=hsic"))
     with pytest.raises(ValueError, match="one adapter per value"):
         train(cfg)
+
+
+@pytest.fixture
+def compare(monkeypatch):
+    """experiments/compare_methods.py, imported as the script imports its folder."""
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    import compare_methods
+
+    return compare_methods
+
+
+def test_weight_sweep_covers_every_value(compare):
+    assert compare.weight_sweep(2) == [[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]]
+    sweep = compare.weight_sweep(3)
+    assert len(sweep) == 3 and all(abs(sum(w) - 1) < 1e-3 and len(w) == 3 for w in sweep)
+    assert [max(range(3), key=w.__getitem__) for w in sweep] == [0, 1, 2]  # each leads once
+
+
+def test_soup_reuses_the_no_mi_training_with_simplex_candidates(compare, tmp_path):
+    rows = compare.main(
+        ["--setting", "tiny", "--seeds", "1", "--methods", "soup", "mva_no_mi"]
+        + ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    )
+    by = {r["method"]: r for r in rows}
+    assert by["soup"]["trained_with"] == "mva_no_mi" and by["soup"]["runs_mean"] == 0
+    assert by["mva_no_mi"]["runs_mean"] == 1
+    seed = json.loads((tmp_path / "out" / "tiny.json").read_text())["per_seed"][0]
+    soup, grid = seed["soup"]["points"], seed["mva_no_mi"]["points"]
+    assert len(soup) == 11 and len(grid) == 100  # the simplex on a 0.1 lattice; S^2, |S| = 10
+    # Same vectors, same evaluator: a w on both lists gets the same scores.
+    pareto_json = tmp_path / "work" / "seed0" / "mva_no_mi"
+    simplex = json.loads((pareto_json / "extrapolation_soup" / "pareto.json").read_text())
+    full = json.loads((pareto_json / "extrapolation" / "pareto.json").read_text())
+    values = simplex["values"]
+
+    def w(row):
+        return tuple(row[f"w/{v}"] for v in values)
+
+    shared = {w(r): r for r in full["rows"]}
+    common = [r for r in simplex["rows"] if w(r) in shared]
+    assert common, "the grid and the simplex share w = (0.5, 0.5) at least"
+    for r in common:
+        for v in values:
+            assert r[v] == pytest.approx(shared[w(r)][v], abs=1e-6)
+    assert (tmp_path / "out" / "tiny.png").is_file()
