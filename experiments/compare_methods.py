@@ -22,6 +22,12 @@ Settings:
 
     python experiments/compare_methods.py [--setting tiny] [--seeds 3] [--methods mva soup ...]
 
+A method's time is its runs' stage times (training and sweep, without the one-off data build);
+SOUP and ``mva_no_extrapolation`` reuse the training of ``mva_no_mi`` / ``mva`` (same config
+but the candidates) and count it in their time. Finished run folders are reused by a rerun (an
+interrupted comparison resumes); ``--only-seeds 2`` runs one seed alone, e.g. in a second
+process, and a final run without it collects every seed.
+
 Writes ``experiments/results/compare_methods/<setting>.{json,csv}`` and ``<setting>.png``;
 the run folders go to ``outputs/compare_methods/<setting>/seed<N>/`` (``--work``).
 """
@@ -33,6 +39,7 @@ import gzip
 import json
 import logging
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -186,6 +193,12 @@ def run_points(
     return points, data["base_scores"], values
 
 
+def write_json(path: Path, data) -> None:
+    from mva_lightning.io import write_json as atomic
+
+    atomic(path, data)
+
+
 def compare_seed(
     setting: str, seed: int, methods: list[str], root: Path, values: list[str] | None = None
 ) -> dict:
@@ -200,6 +213,7 @@ def compare_seed(
     out: dict[str, dict] = {}
     base: dict[str, float] | None = None
     names: list[str] = []
+    compute = 0.0  # this seed's CPU time: every trained run and re-sweep once
     for method in order:
         points, seconds, runs = [], 0.0, 0
         for name, extra in method_runs(method, root, num_values):
@@ -212,17 +226,23 @@ def compare_seed(
                 "extrapolation.report_split=null",
                 "trainer.enable_progress_bar=false",
             ]
-            start = time.perf_counter()
             if method in SAME_TRAINING:
                 donor = SAME_TRAINING[method]
                 run_dir, subdir = root / donor, f"extrapolation_{method}"
-                resweep(overrides, method_runs(donor, root, num_values)[0][1], run_dir, subdir)
-                seconds += out[donor]["seconds"]  # the training it reuses counts too
+                if not (run_dir / subdir / "pareto.json").is_file():
+                    resweep(overrides, method_runs(donor, root, num_values)[0][1], run_dir, subdir)
+                sweep_s = json.loads((run_dir / subdir / "pareto.json").read_text())["seconds"]
+                seconds += out[donor]["seconds"] + sweep_s  # the training it reuses counts too
+                compute += sweep_s
             else:
                 run_dir, subdir = root / name, "extrapolation"
-                _train(_compose([*overrides, f"paths.output_dir={run_dir}"]))
+                if not finished(run_dir, overrides):  # a finished run is reused
+                    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run restarts
+                    _train(_compose([*overrides, f"paths.output_dir={run_dir}"]))
+                    write_json(run_dir / "compare_overrides.json", overrides)
                 runs += 1
-            seconds += time.perf_counter() - start
+                seconds += run_seconds(run_dir)
+                compute += run_seconds(run_dir)
             got, run_base, names = run_points(run_dir, subdir)
             points += got
             if base is None:
@@ -232,7 +252,25 @@ def compare_seed(
         out[method] = summarise_points(points, [base[v] for v in names], names)
         out[method] |= {"runs": runs, "seconds": seconds, "trained_with": SAME_TRAINING.get(method)}
     assert base is not None
-    return {"seed": seed, "values": names, "reference": [base[v] for v in names], **out}
+    reference = [base[v] for v in names]
+    return {"seed": seed, "values": names, "reference": reference, "compute_s": compute, **out}
+
+
+def finished(run_dir: Path, overrides: list[str]) -> bool:
+    """Whether ``run_dir`` holds a finished run of these overrides (a rerun resumes there)."""
+    if not (run_dir / "extrapolation" / "pareto.json").is_file():
+        return False
+    saved = run_dir / "compare_overrides.json"
+    if saved.is_file():
+        return json.loads(saved.read_text()) == overrides
+    write_json(saved, overrides)  # a run finished before this file existed: adopt it
+    return True
+
+
+def run_seconds(run_dir: Path) -> float:
+    """A finished run's stage times (training and its sweep), without the one-off data build."""
+    stages = json.loads((run_dir / "timings.json").read_text())
+    return sum(s["seconds"] for s in stages if s["stage"] != "data")
 
 
 def summarise_points(points: list[list[float]], ref: list[float], names: list[str]) -> dict:
@@ -327,6 +365,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         choices=["helpful", "harmless", "positive"],
         help=f"embedded setting: the values compared (default: {' '.join(EMBEDDED_VALUES)})",
     )
+    p.add_argument(
+        "--only-seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="train and sweep just these seeds (e.g. one per process), no table; a later run "
+        "without it reuses their finished run folders",
+    )
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--work", type=Path, default=None, help="run folders (outputs/compare_methods)")
     args = p.parse_args(argv)
@@ -334,9 +380,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"hh_2values needs the HH-RLHF files in {HH}")
     logging.getLogger("lightning").setLevel(logging.WARNING)
     from mva_lightning import pareto
-    from mva_lightning.io import write_csv, write_json
+    from mva_lightning.io import write_csv
 
     work = args.work or REPO / "outputs" / "compare_methods" / args.setting  # gitignored
+    if args.only_seeds is not None:
+        for seed in args.only_seeds:
+            compare_seed(args.setting, seed, args.methods, work / f"seed{seed}", args.values)
+        print(f"seeds {args.only_seeds} done in {work}; the table: rerun without --only-seeds")
+        return []
     start = time.perf_counter()
     per_seed = []
     for seed in range(args.seeds):
@@ -351,7 +402,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         {
             "setting": args.setting,
             "seeds": args.seeds,
-            "wall_s": wall,
+            "wall_s": wall,  # this invocation (finished runs are reused)
+            "compute_s": sum(seed["compute_s"] for seed in per_seed),  # every run, once
             "table": rows,
             "per_seed": per_seed,
         },
@@ -373,11 +425,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         reference=first["reference"],
         extra_fronts={m: np.array(first[m]["front"]) for m in args.methods if m != main_m},
     )
-    _print(rows, first["values"], wall)
+    _print(rows, first["values"], wall, sum(seed["compute_s"] for seed in per_seed))
     return rows
 
 
-def _print(rows: list[dict], values: list[str], wall: float) -> None:
+def _print(rows: list[dict], values: list[str], wall: float, compute: float) -> None:
     head = ["method", "HV", *(f"best {v}" for v in values), "runs", "seconds"]
     print(" | ".join(head))
     for r in rows:
@@ -389,7 +441,7 @@ def _print(rows: list[dict], values: list[str], wall: float) -> None:
             f"{r['seconds_mean']:.1f}",
         ]
         print(" | ".join(cells))
-    print(f"wall time {wall:.0f} s")
+    print(f"wall time {wall:.0f} s; every run once: {compute:.0f} s")
 
 
 if __name__ == "__main__":

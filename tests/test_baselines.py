@@ -233,3 +233,13 @@ def test_soup_reuses_the_no_mi_training_with_simplex_candidates(compare, tmp_pat
         for v in values:
             assert r[v] == pytest.approx(shared[w(r)][v], abs=1e-6)
     assert (tmp_path / "out" / "tiny.png").is_file()
+    # A rerun reuses the finished runs (an interrupted comparison resumes) and gives the table.
+    adapters = pareto_json / "adapters"
+    mtime = max(f.stat().st_mtime for f in adapters.rglob("*") if f.is_file())
+    again = compare.main(
+        ["--setting", "tiny", "--seeds", "1", "--methods", "soup", "mva_no_mi"]
+        + ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    )
+    assert max(f.stat().st_mtime for f in adapters.rglob("*") if f.is_file()) == mtime
+    assert [r["hypervolume_mean"] for r in again] == [r["hypervolume_mean"] for r in rows]
+    assert [r["seconds_mean"] for r in again] == [r["seconds_mean"] for r in rows]
