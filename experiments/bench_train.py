@@ -49,9 +49,10 @@ LR, SEED, BETA = 1e-4, 60, 0.1
 
 # Our levers: config overrides, each measured on its own against "ours" (all levers at default).
 LEVERS: dict[str, list[str]] = {
-    "ours": [],  # defaults: reference precomputed, head on responses only, prompts shared
+    "ours": [],  # defaults: reference precomputed, head on responses only, share_prompt=auto
     "ours/no-precompute-ref": ["train.precompute_reference=false"],
     "ours/head-on-all-positions": ["train.head_on_response_only=false"],
+    "ours/share-prompt": ["train.share_prompt=true"],  # auto: off on tiny, on on SmolLM2
     "ours/no-share-prompt": ["train.share_prompt=false"],
     "ours/bucket-by-length": ["data.loader.bucket_by_length=true"],  # changes batch make-up
     "ours/no-logger": ["~logger"],

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mva_lightning import lora
-from mva_lightning.logps import response_logps
+from mva_lightning.logps import response_logps, share_prompt_pays
 from mva_lightning.losses import DPOOutput, dpo_loss, modpo_margin, split_chosen_rejected
 from mva_lightning.mi import MIEstimator, NoMI, activation_features, lora_features
 
@@ -73,7 +73,9 @@ class MVAModule(L.LightningModule):
         precompute_reference: Compute reference log-probs once per stage and reuse them.
         head_on_response_only: Run the LM head only on response positions.
         share_prompt: Run each prompt once for its chosen and rejected rows (KV cache shared;
-            same log-probs). Off while MI activation features are captured.
+            same log-probs): True, False or "auto" (on for models at least
+            ``logps.SHARE_PROMPT_MIN_WIDTH`` wide). Off while MI activation features are
+            captured.
         label_smoothing: Conservative-DPO epsilon.
         accumulate_grad_batches: Batches per optimizer step.
         gradient_clip_val: Max gradient norm (None: no clipping).
@@ -101,7 +103,7 @@ class MVAModule(L.LightningModule):
         reference_model: nn.Module | None = None,
         precompute_reference: bool = True,
         head_on_response_only: bool = True,
-        share_prompt: bool = True,
+        share_prompt: bool | str = "auto",
         label_smoothing: float = 0.0,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
@@ -160,7 +162,7 @@ class MVAModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.precompute_reference = precompute_reference
         self.head_on_response_only = head_on_response_only
-        self.share_prompt = share_prompt
+        self.share_prompt = share_prompt_pays(policy, share_prompt)
         self._capturing = False  # capture_inputs needs one forward over the whole batch
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val

@@ -127,7 +127,7 @@ def build(cfg: DictConfig, splits: dict[str, Any]):
         reference_model=reference,
         precompute_reference=cfg.train.precompute_reference,
         head_on_response_only=cfg.train.head_on_response_only,
-        share_prompt=cfg.train.get("share_prompt", True),
+        share_prompt=cfg.train.get("share_prompt", "auto"),
         label_smoothing=cfg.train.label_smoothing,
         accumulate_grad_batches=cfg.train.accumulate_grad_batches,
         gradient_clip_val=cfg.train.gradient_clip_val,

@@ -188,3 +188,15 @@ def test_bench_scaling_runs_at_minimal_size(tmp_path):
         ("candidates", 9),
     }
     assert all(r["peak_rss_mib"] > 0 and r["time_s"] > 0 for r in report["rows"])
+
+
+def test_share_prompt_auto_follows_the_model_width():
+    from mva_lightning import lora, models
+    from mva_lightning.logps import SHARE_PROMPT_MIN_WIDTH, share_prompt_pays
+
+    narrow = lora.add_value_vectors(models.tiny_llama().model, ["v"])  # 64 wide, PEFT-wrapped
+    wide = models.tiny_llama(hidden_size=SHARE_PROMPT_MIN_WIDTH, num_layers=1).model
+    assert share_prompt_pays(narrow, "auto") is False and share_prompt_pays(wide, "auto") is True
+    assert share_prompt_pays(narrow, True) is True and share_prompt_pays(wide, False) is False
+    with pytest.raises(ValueError, match="train.share_prompt"):
+        share_prompt_pays(narrow, "sometimes")
