@@ -9,10 +9,10 @@ set; its hypervolume uses ONE reference point shared by every method: the base m
 and spread (std) over seeds.
 
 Settings:
-- ``tiny`` (default, minutes on 2 cores): the random-init 2-layer model on generated toy pairs
+- ``tiny`` (about 3 minutes on 2 cores): the random-init 2-layer model on generated toy pairs
   where the values conflict (helpful prefers compliance on every prompt, harmless prefers a
   refusal on risky prompts); objective: implicit-reward accuracy on the test pairs.
-- ``embedded``: the embedded default (SmolLM2-135M-Instruct, pairs built from its own samples,
+- ``embedded`` (default): the embedded default (SmolLM2-135M-Instruct, pairs built from its own samples,
   generation scored by the values' scorers), sized for the CPU: two of its values, helpful and
   positive (``--values`` picks others; the harmless scorer is saturated on the base model, so
   it cannot separate fronts), at most 32 training pairs per value, one epoch, fronts scored on
@@ -20,7 +20,7 @@ Settings:
 - ``hh_2values``: the HH-RLHF rows in ``../shared/data/hh-rlhf/`` (offline), SmolLM2-135M on
   the CPU, generation scored by the Bradley-Terry heads in ``experiments/results/bt/``.
 
-    python experiments/compare_methods.py [--setting tiny] [--seeds 3] [--methods mva soup ...]
+    python experiments/compare_methods.py [--setting embedded] [--seeds 3] [--methods mva ...]
 
 A method's time is its runs' stage times (training and sweep, without the one-off data build);
 SOUP and ``mva_no_extrapolation`` reuse the training of ``mva_no_mi`` / ``mva`` (same config
@@ -355,7 +355,7 @@ def summarise(per_seed: list[dict], methods: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--setting", default="tiny", choices=["tiny", "embedded", "hh_2values"])
+    p.add_argument("--setting", default="embedded", choices=["tiny", "embedded", "hh_2values"])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument(
