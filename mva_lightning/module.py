@@ -164,6 +164,7 @@ class MVAModule(L.LightningModule):
         self.head_on_response_only = head_on_response_only
         self.share_prompt = share_prompt_pays(policy, share_prompt)
         self._capturing = False  # capture_inputs needs one forward over the whole batch
+        self._log_now = True  # this training step's metrics are logged (see _logging_step)
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self.mi_max_samples = mi_max_samples
@@ -365,7 +366,8 @@ class MVAModule(L.LightningModule):
                 self.log("train/mi_skipped", 1.0)
                 continue
             total = total + estimate.value
-            self.log(f"train/mi/{pair[0]}-{pair[1]}", estimate.value.detach())
+            if self._log_now:
+                self.log(f"train/mi/{pair[0]}-{pair[1]}", estimate.value.detach())
         return total
 
     def _head_step(self, est: MIEstimator, x: dict, y: dict) -> None:
@@ -416,6 +418,7 @@ class MVAModule(L.LightningModule):
         penalised = {p[0] for p in self.stage_pairs}
         captured: dict[str, dict[str, torch.Tensor]] = {}
         dpo_total = torch.zeros((), device=self.device)
+        self._log_now = self._logging_step()
         for value in self.stage_values:
             with self.capture_inputs(needs_inputs and value in penalised) as inputs:
                 out = self.dpo(value, batch[value], "train")
@@ -424,7 +427,7 @@ class MVAModule(L.LightningModule):
                 captured[value] = {m: h[mask] for m, h in inputs.items()}  # (N, d_in)
             dpo_total = dpo_total + self.loss_weights[value] * out.loss  # DPO-LW: sum w_v L_v
             n = batch[value]["index"].numel()
-            for key, val in out.metrics().items():
+            for key, val in out.metrics().items() if self._log_now else ():
                 self.log(f"train/{value}/{key}", val, batch_size=n, prog_bar=key == "loss")
         is_update = (batch_idx + 1) % self.accumulate_grad_batches == 0
         mi = self.mi_penalty(captured, train_heads=is_update) if self.stage_pairs else None
@@ -438,10 +441,21 @@ class MVAModule(L.LightningModule):
             scheduler = self.lr_schedulers()
             if scheduler is not None:
                 (scheduler[0] if isinstance(scheduler, list) else scheduler).step()
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        if mi is not None:
-            self.log("train/mi", mi.detach(), prog_bar=True)
+        if self._log_now:
+            self.log("train/loss", loss.detach(), prog_bar=True)
+            if mi is not None:
+                self.log("train/mi", mi.detach(), prog_bar=True)
         return loss.detach()
+
+    def _logging_step(self) -> bool:
+        """Whether the Trainer writes this step's metrics (Lightning's rule: every
+        ``log_every_n_steps`` steps, or when stopping): other steps skip ``self.log``, whose
+        per-call cost is a visible share of a step for small models (bench_train.py)."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        every = max(1, trainer.log_every_n_steps)
+        return (trainer.global_step + 1) % every == 0 or bool(trainer.should_stop)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         values = [v for v in self.stage_values if self.trainer_datamodule.splits[v].val]

@@ -29,6 +29,20 @@ def test_run_leaves_adapters_config_metrics_and_csv(toy_data, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_training_metrics_are_logged_on_logging_steps_only(toy_data, tmp_path):
+    import csv
+
+    out = tmp_path / "run"
+    extra = ("extrapolation=none", "trainer.log_every_n_steps=3", "trainer.max_epochs=3")
+    cfg = compose(toy_overrides(toy_data, out, *extra))
+    train(cfg)
+    with (out / "csv" / "metrics.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("train/helpful/loss")]  # stage 0
+    steps = [int(r["step"]) for r in rows]
+    assert all(r["train/loss"] and r["train/helpful/rewards/accuracies"] for r in rows)
+    assert len(steps) >= 2 and all((s + 1) % 3 == 0 for s in steps), steps
+
+
 def test_missing_required_key_fails_fast(toy_data, tmp_path):
     overrides = [o for o in toy_overrides(toy_data, tmp_path) if not o.startswith("value=")]
     cfg = compose([*overrides, "value=[helpful,harmless,custom]"])
