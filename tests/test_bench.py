@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 EXPERIMENTS = REPO / "experiments"
@@ -200,3 +201,19 @@ def test_share_prompt_auto_follows_the_model_width():
     assert share_prompt_pays(narrow, True) is True and share_prompt_pays(wide, False) is False
     with pytest.raises(ValueError, match="train.share_prompt"):
         share_prompt_pays(narrow, "sometimes")
+
+
+@pytest.mark.slow
+def test_compiled_decoder_gives_the_eager_log_probs():
+    from mva_lightning import models
+    from mva_lightning.logps import response_logps
+    from mva_lightning.train import compile_decoder
+
+    backbone = models.tiny_llama()
+    ids = torch.randint(3, 200, (4, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    response = torch.zeros_like(ids)
+    response[:, 12:] = 1
+    eager = response_logps(backbone.model, ids, mask, response)
+    compile_decoder(backbone.model)
+    torch.testing.assert_close(response_logps(backbone.model, ids, mask, response), eager)
