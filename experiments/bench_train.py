@@ -46,6 +46,7 @@ DEFAULT_OUT = HERE / "results" / "bench_train.json"
 QUICK = {"batch": 2, "max_length": 48, "max_prompt_length": 24, "steps": 3, "warmup": 1}
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 LR, SEED, BETA = 1e-4, 60, 0.1
+LOG_EVERY = 10  # both sides write their metrics every 10 steps
 
 # Our levers: config overrides, each measured on its own against "ours" (all levers at default).
 LEVERS: dict[str, list[str]] = {
@@ -201,6 +202,7 @@ def child_ours(spec: dict) -> dict:
         f"trainer.max_steps={spec['steps']}",
         "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false",
+        f"trainer.log_every_n_steps={LOG_EVERY}",
         f"optimizer.lr={LR}",
         f"train.beta={BETA}",
         "train.gradient_clip_val=1.0",
@@ -263,6 +265,7 @@ def child_trl(spec: dict) -> dict:
         gradient_checkpointing=False,
         save_strategy="no",
         report_to="none",
+        logging_steps=LOG_EVERY,
         seed=SEED,
         use_cpu=True,
         disable_tqdm=True,
