@@ -3,16 +3,16 @@
 The same job on both sides: base model, LoRA (rank, alpha, target modules, zero-init B, the same
 seeded A), reference = the base model (adapters off), pairs (identical token ids, checked),
 batch, max lengths, number of steps, seed, AdamW at a constant learning rate, gradient clipping
-at 1. Configurations alternate (ours, TRL, ours, TRL, ...) over repetitions, each in its own
+at 1, metrics written every ``LOG_EVERY`` steps. Configurations alternate (ours, TRL, ours, TRL, ...) over repetitions, each in its own
 child process so that peak RSS is per configuration. The first ``warmup`` steps are excluded
 from throughput; set-up (model load, tokenisation, reference pre-computation) is reported apart.
 
-TRL settings: its default (``bf16=True``: emulated on most CPUs, about 10x slower, so it runs
-few steps), ``bf16=False``, and ``bf16=False`` with ``precompute_ref_log_probs=True``; gradient
+TRL settings: its default (``bf16=True``: emulated on most CPUs and often much slower, so it
+runs few steps), ``bf16=False``, and ``bf16=False`` with ``precompute_ref_log_probs=True``; gradient
 checkpointing off in all three. The headline ratio is against TRL's best.
 
 Ours: ``train(cfg)`` (the code path ``python -m mva_lightning`` runs) with one value, plus one
-configuration per lever (each switched on its own; see ``LEVERS``).
+configuration per lever (each switched against the defaults on its own; see ``LEVERS``).
 
 Usage::
 
