@@ -3,8 +3,9 @@
 The same job on both sides: base model, LoRA (rank, alpha, target modules, zero-init B, the same
 seeded A), reference = the base model (adapters off), pairs (identical token ids, checked),
 batch, max lengths, number of steps, seed, AdamW at a constant learning rate, gradient clipping
-at 1, metrics written every ``LOG_EVERY`` steps. Configurations alternate (ours, TRL, ours, TRL, ...) over repetitions, each in its own
-child process so that peak RSS is per configuration. The first ``warmup`` steps are excluded
+at 1, metrics written every ``LOG_EVERY`` steps. Configurations alternate (ours, TRL, ours,
+TRL, ...) over repetitions, each in its own child process so that peak RSS is per
+configuration. The first ``warmup`` steps are excluded
 from throughput; set-up (model load, tokenisation, reference pre-computation) is reported apart.
 
 TRL settings: its default (``bf16=True``: emulated on most CPUs and often much slower, so it

@@ -12,11 +12,11 @@ Settings:
 - ``tiny`` (about 3 minutes on 2 cores): the random-init 2-layer model on generated toy pairs
   where the values conflict (helpful prefers compliance on every prompt, harmless prefers a
   refusal on risky prompts); objective: implicit-reward accuracy on the test pairs.
-- ``embedded`` (default): the embedded default (SmolLM2-135M-Instruct, pairs built from its own samples,
-  generation scored by the values' scorers), sized for the CPU: two of its values, helpful and
-  positive (``--values`` picks others; the harmless scorer is saturated on the base model, so
-  it cannot separate fronts), at most 32 training pairs per value, one epoch, fronts scored on
-  12 held-out prompts.
+- ``embedded`` (default): the embedded default (SmolLM2-135M-Instruct, pairs built from its
+  own samples, generation scored by the values' scorers), sized for the CPU: two of its
+  values, helpful and positive (``--values`` picks others; the harmless scorer is saturated on
+  the base model, so it cannot separate fronts), at most 32 training pairs per value, one
+  epoch, fronts scored on 12 held-out prompts.
 - ``hh_2values``: the HH-RLHF rows in ``../shared/data/hh-rlhf/`` (offline), SmolLM2-135M on
   the CPU, generation scored by the Bradley-Terry heads in ``experiments/results/bt/``.
 
@@ -28,7 +28,8 @@ but the candidates) and count it in their time. Finished run folders are reused 
 interrupted comparison resumes); ``--only-seeds 2`` runs one seed alone, e.g. in a second
 process, and a final run without it collects every seed.
 
-Writes ``experiments/results/compare_methods/<setting>.{json,csv}`` and ``<setting>.png``;
+Writes ``experiments/results/compare_methods/<setting>.{json,csv}`` and one plot per seed,
+``<setting>_seed<N>.png``;
 the run folders go to ``outputs/compare_methods/<setting>/seed<N>/`` (``--work``).
 """
 
@@ -412,19 +413,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import numpy as np
 
     first = per_seed[0]
-    mva = np.array(first["mva"]["points"]) if "mva" in first else None
-    main_m = "mva" if mva is not None else args.methods[0]
-    pts = np.array(first[main_m]["points"])
-    pareto.plot_front(
-        pts,
-        first["values"],
-        pareto.pareto_mask(pts),
-        None,
-        stem.with_suffix(".png"),
-        title=f"{args.setting}, seed 0: {main_m} (grey/blue) vs baselines",
-        reference=first["reference"],
-        extra_fronts={m: np.array(first[m]["front"]) for m in args.methods if m != main_m},
-    )
+    main_m = "mva" if "mva" in args.methods else args.methods[0]
+    for seed in per_seed:  # one plot per seed: every method's front on that seed's data
+        pts = np.array(seed[main_m]["points"])
+        pareto.plot_front(
+            pts,
+            seed["values"],
+            pareto.pareto_mask(pts),
+            None,
+            args.out / f"{args.setting}_seed{seed['seed']}.png",
+            title=f"{args.setting}, seed {seed['seed']}: {main_m} (grey/blue) vs baselines",
+            reference=seed["reference"],
+            extra_fronts={m: np.array(seed[m]["front"]) for m in args.methods if m != main_m},
+        )
     _print(rows, first["values"], wall, sum(seed["compute_s"] for seed in per_seed))
     return rows
 

@@ -232,7 +232,7 @@ def test_soup_reuses_the_no_mi_training_with_simplex_candidates(compare, tmp_pat
     for r in common:
         for v in values:
             assert r[v] == pytest.approx(shared[w(r)][v], abs=1e-6)
-    assert (tmp_path / "out" / "tiny.png").is_file()
+    assert (tmp_path / "out" / "tiny_seed0.png").is_file()
     # A rerun reuses the finished runs (an interrupted comparison resumes) and gives the table.
     adapters = pareto_json / "adapters"
     mtime = max(f.stat().st_mtime for f in adapters.rglob("*") if f.is_file())
