@@ -59,6 +59,8 @@ LEVERS: dict[str, list[str]] = {
     "ours/bucket-by-length": ["data.loader.bucket_by_length=true"],  # changes batch make-up
     "ours/no-logger": ["~logger"],
 }
+# The floor: our step's arithmetic in a hand-written PyTorch loop (no Lightning, no logging).
+BARE = "bare/torch-loop"
 TRL_CONFIGS: dict[str, dict[str, bool]] = {
     "trl/bf16(default)": {"bf16": True, "precompute_ref_log_probs": False},
     "trl/fp32": {"bf16": False, "precompute_ref_log_probs": False},
@@ -173,13 +175,10 @@ def lora_b_is_zero(model) -> bool:
 
 
 # --------------------------------------------------------------------------- children
-def child_ours(spec: dict) -> dict:
-    """``train(cfg)`` on one value with a step clock callback; returns the measurements."""
+def our_config(spec: dict):
+    """The composed config of our side: one value, the benchmark's sizes, ``spec`` overrides."""
     from hydra import compose, initialize_config_dir
 
-    from mva_lightning.train import train
-
-    t_ready = time.perf_counter()
     out_dir = Path(spec["tmp"]) / "run"
     overrides = [
         "value=custom",
@@ -213,10 +212,70 @@ def child_ours(spec: dict) -> dict:
         *spec["overrides"],
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    train(cfg)
+        return compose(config_name="config", overrides=overrides)
+
+
+def child_ours(spec: dict) -> dict:
+    """``train(cfg)`` on one value with a step clock callback; returns the measurements."""
+    from mva_lightning.train import train
+
+    t_ready = time.perf_counter()
+    train(our_config(spec))
     clock = bu.LightningClock.last
     return {**clock.clock.summary(t_ready), **clock.extra}
+
+
+def child_bare(spec: dict) -> dict:
+    """The floor: a hand-written PyTorch loop doing our step's arithmetic, nothing else.
+
+    Same model, value vector, batches (our data module's sampler and seed) and cached reference
+    as ``ours``; per step: log-probs, DPO loss, backward, gradient clipping, AdamW step. No
+    Lightning, no logging, no checkpoints: what is left of a step once all overhead is gone.
+    """
+    import torch
+    from hydra.utils import instantiate
+
+    from mva_lightning import lora
+    from mva_lightning.logps import response_logps
+    from mva_lightning.losses import dpo_loss, split_chosen_rejected
+    from mva_lightning.train import build, load_value_splits
+
+    t_ready = time.perf_counter()
+    cfg = our_config(spec)
+    torch.manual_seed(cfg.seed)
+    backbone, module, datamodule = build(cfg, load_value_splits(cfg))
+    (value,) = module.values
+    adapter = module.adapters[value]
+    policy = module.policy
+    lora.set_trainable(policy, [adapter])
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = instantiate(cfg.optimizer)(params)
+    batches = list(datamodule.loader(value, "train", shuffle=True))[: spec["steps"]]
+    with torch.no_grad():
+        references = [module.reference_logps(b) for b in batches]
+    lora.set_weights(policy, {adapter: 1.0})
+    policy.train()
+    checksum = float(sum(p.double().sum() for n, p in policy.named_parameters() if "lora_A" in n))
+    clock = bu.StepClock(spec["warmup"])
+    for batch, reference in zip(batches, references, strict=True):
+        clock.start()
+        logps = response_logps(
+            policy,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["response_mask"],
+            module.head_on_response_only,
+            share_prompt=module.share_prompt,
+        )
+        out = dpo_loss(
+            *split_chosen_rejected(logps), *split_chosen_rejected(reference), beta=cfg.train.beta
+        )
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.gradient_clip_val)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.end(int(batch["response_tokens"]), float(out.loss.detach()))
+    return {**clock.summary(t_ready), "lora_a_checksum": checksum}
 
 
 def child_trl(spec: dict) -> dict:
@@ -311,7 +370,8 @@ def child(spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(SEED)
     t_import = time.perf_counter()
-    result = child_trl(spec) if spec["side"] == "trl" else child_ours(spec)
+    run = {"trl": child_trl, "ours": child_ours, "bare": child_bare}[spec["side"]]
+    result = run(spec)
     result.update(name=spec["name"], side=spec["side"], model=spec["model"])
     result["threads"] = torch.get_num_threads()
     result["start_to_ready_s"] = t_import - T_START
@@ -322,7 +382,7 @@ def child(spec: dict) -> None:
 def plan(model: str, size: dict, reps: int, names: list[str] | None) -> list[dict]:
     """Child specs in alternating order: ours, TRL, our lever, TRL, ... per repetition."""
     names = names or size.get("configs")
-    ours = [n for n in LEVERS if not names or n in names]
+    ours = [n for n in [*LEVERS, BARE] if not names or n in names]
     trl = [n for n in TRL_CONFIGS if not names or n in names]
     specs = []
     for rep in range(reps):
@@ -333,9 +393,10 @@ def plan(model: str, size: dict, reps: int, names: list[str] | None) -> list[dic
             if i < len(trl):
                 order.append(("trl", trl[i]))
         for side, name in order:
+            side = "bare" if name == BARE else side
             spec = {"side": side, "name": name, "model": model, "rep": rep, **size}
-            if side == "ours":
-                spec["overrides"] = LEVERS[name]
+            if side in ("ours", "bare"):
+                spec["overrides"] = LEVERS.get(name, [])
             else:
                 spec["trl"] = TRL_CONFIGS[name]
                 if spec["trl"]["bf16"]:
@@ -403,7 +464,7 @@ def summarise(results: list[dict]) -> dict[str, Any]:
 def checks(results: list[dict]) -> dict[str, Any]:
     """Same job on both sides: token ids, zero-init B, same seeded A, step-0 loss ln 2."""
     trl = [r for r in results if r["side"] == "trl"]
-    ours = [r for r in results if r["side"] == "ours"]
+    ours = [r for r in results if r["side"] in ("ours", "bare")]
     ln2 = math.log(2)
     return {
         "tokens_match": all(r["tokens_match_ours"] for r in trl),
