@@ -448,9 +448,12 @@ class MVAModule(L.LightningModule):
         return loss.detach()
 
     def _logging_step(self) -> bool:
-        """Whether the Trainer writes this step's metrics (Lightning's rule: every
-        ``log_every_n_steps`` steps, or when stopping): other steps skip ``self.log``, whose
-        per-call cost is a visible share of a step for small models (bench_train.py)."""
+        """Whether the Trainer writes this step's metrics.
+
+        Lightning's rule: every ``log_every_n_steps`` steps, or when stopping. Other steps skip
+        ``self.log``, whose per-call cost is a visible share of a step for small models
+        (experiments/bench_train.py).
+        """
         trainer = self._trainer
         if trainer is None:
             return True
