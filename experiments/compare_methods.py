@@ -204,6 +204,8 @@ def compare_seed(
     setting: str, seed: int, methods: list[str], root: Path, values: list[str] | None = None
 ) -> dict:
     """Every method on one seed: per method its points, front, hypervolume and times."""
+    from mva_lightning.train import train
+
     common = setting_overrides(setting, root / "data", values)
     num_values = len(values or EMBEDDED_VALUES) if setting == "embedded" else 2
     needed = set(methods) | {SAME_TRAINING[m] for m in methods if m in SAME_TRAINING}
@@ -239,7 +241,7 @@ def compare_seed(
                 run_dir, subdir = root / name, "extrapolation"
                 if not finished(run_dir, overrides):  # a finished run is reused
                     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run restarts
-                    _train(_compose([*overrides, f"paths.output_dir={run_dir}"]))
+                    train(_compose([*overrides, f"paths.output_dir={run_dir}"]))
                     write_json(run_dir / "compare_overrides.json", overrides)
                 runs += 1
                 seconds += run_seconds(run_dir)
@@ -320,12 +322,6 @@ def resweep(overrides: list[str], donor_extra: list[str], run_dir: Path, subdir:
             "extrapolation.progress=false",
         ]
     )
-
-
-def _train(cfg) -> None:
-    from mva_lightning.train import train
-
-    train(cfg)
 
 
 def _compose(overrides: list[str]):
