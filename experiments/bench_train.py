@@ -92,6 +92,7 @@ SIZES: dict[str, dict[str, Any]] = {
             "ours/head-on-all-positions",
             "ours/no-share-prompt",
             "ours/bucket-by-length",
+            BARE,
             *TRL_CONFIGS,
         ],
     },
