@@ -58,6 +58,7 @@ LEVERS: dict[str, list[str]] = {
     "ours/no-share-prompt": ["train.share_prompt=false"],
     "ours/bucket-by-length": ["data.loader.bucket_by_length=true"],  # changes batch make-up
     "ours/no-logger": ["~logger"],
+    "ours/bf16-mixed": ["trainer.precision=bf16-mixed"],  # CPUs with native bf16 (avx512_bf16)
 }
 # The floor: our step's arithmetic in a hand-written PyTorch loop (no Lightning, no logging).
 BARE = "bare/torch-loop"
@@ -65,6 +66,7 @@ TRL_CONFIGS: dict[str, dict[str, bool]] = {
     "trl/bf16(default)": {"bf16": True, "precompute_ref_log_probs": False},
     "trl/fp32": {"bf16": False, "precompute_ref_log_probs": False},
     "trl/fp32+precompute-ref": {"bf16": False, "precompute_ref_log_probs": True},
+    "trl/bf16+precompute-ref": {"bf16": True, "precompute_ref_log_probs": True},
 }
 
 # Job sizes. tiny: conf/model/tiny.yaml (2 layers, 64 wide, 259-token byte vocabulary);
