@@ -29,8 +29,8 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multi
 
 
 # Below this width a forward costs mostly per-call overhead: bench_train measured the shared
-# prompt 7 % slower on a 64-wide model and 3 % faster on SmolLM2-135M (576 wide) at its short
-# prompts; the saving grows with the prompt's share of the sequence.
+# prompt 7-12 % slower on a 64-wide model and 3-11 % faster on SmolLM2-135M (576 wide) at its
+# short prompts; the saving grows with the prompt's share of the sequence.
 SHARE_PROMPT_MIN_WIDTH = 256
 
 
