@@ -45,6 +45,8 @@ import statistics
 import time
 from pathlib import Path
 
+from mva_lightning.io import write_csv, write_json
+
 REPO = Path(__file__).resolve().parents[1]
 HH = REPO.parent / "shared" / "data" / "hh-rlhf"
 OUT = REPO / "experiments" / "results" / "compare_methods"
@@ -192,12 +194,6 @@ def run_points(
     values = data["values"]
     points = [[float(row[v]) for v in values] for row in data["rows"]]
     return points, data["base_scores"], values
-
-
-def write_json(path: Path, data) -> None:
-    from mva_lightning.io import write_json as atomic
-
-    atomic(path, data)
 
 
 def compare_seed(
@@ -373,11 +369,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--work", type=Path, default=None, help="run folders (outputs/compare_methods)")
     args = p.parse_args(argv)
+    if args.values is not None and args.setting != "embedded":
+        raise SystemExit(f"--values picks embedded values; --setting {args.setting} has its own")
     if args.setting == "hh_2values" and not HH.is_dir():
         raise SystemExit(f"hh_2values needs the HH-RLHF files in {HH}")
     logging.getLogger("lightning").setLevel(logging.WARNING)
     from mva_lightning import pareto
-    from mva_lightning.io import write_csv
 
     work = args.work or REPO / "outputs" / "compare_methods" / args.setting  # gitignored
     if args.only_seeds is not None:

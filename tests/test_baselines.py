@@ -243,3 +243,8 @@ def test_soup_reuses_the_no_mi_training_with_simplex_candidates(compare, tmp_pat
     assert max(f.stat().st_mtime for f in adapters.rglob("*") if f.is_file()) == mtime
     assert [r["hypervolume_mean"] for r in again] == [r["hypervolume_mean"] for r in rows]
     assert [r["seconds_mean"] for r in again] == [r["seconds_mean"] for r in rows]
+
+
+def test_values_outside_the_embedded_setting_is_a_clear_error(compare):
+    with pytest.raises(SystemExit, match="--values picks embedded values"):
+        compare.main(["--setting", "tiny", "--values", "helpful"])
