@@ -7,35 +7,41 @@ hidden state, the head and log-softmax run only at the positions that predict a 
 back to the full forward.
 
 A ``[chosen; rejected]`` batch holds every prompt twice (rows i and B + i). With
-``share_prompt`` the prompts run once (left-padded, keeping their positions) and both responses
-continue from the prompt's key/value cache, repeated for the two rows: the same log-probs up to
-float rounding, with the prompt tokens' compute and activations halved. Gradients flow through
-the cache into the prompt forward, as in the plain path. It trades one forward for two (prompt,
-then responses): it pays when compute dominates, not for toy widths where per-call overhead
-does (``share_prompt_pays``; measured in ``experiments/bench_train.py``).
+``share_prompt`` each pair runs as one packed row, prompt + chosen + rejected, under a custom
+attention mask (chosen tokens see the prompt and earlier chosen tokens; rejected tokens see
+the prompt and earlier rejected tokens, never the chosen ones) and position ids that restart
+the rejected response where the prompt ends. Every token sees exactly what it sees in its own
+row, so the log-probs are the plain ones up to float rounding, while the prompt tokens run once
+instead of twice and padding shrinks to one row per pair (prefix sharing, as in Wang et al.
+2024, "Accelerating Direct Preference Optimization with Prefix Sharing"). One forward, so it
+pays at any width; it needs an attention implementation that takes a 4D mask (``sdpa``,
+``eager``) and falls back to the plain path otherwise.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from mva_lightning import lora
 from mva_lightning.losses import sum_by_sequence, token_logps
 
 # Configs with one of these set scale or cap logits after the head: use the full forward.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
-# Below this width a forward costs mostly per-call overhead: bench_train measured the shared
-# prompt 7-12 % slower on a 64-wide model and 3-11 % faster on SmolLM2-135M (576 wide) at its
-# short prompts; the saving grows with the prompt's share of the sequence.
-SHARE_PROMPT_MIN_WIDTH = 256
+# Attention implementations that apply a caller-made 4D mask as given.
+_MASKED_ATTENTION = ("sdpa", "eager")
 
 
 def share_prompt_pays(model: nn.Module, setting: bool | str = "auto") -> bool:
-    """Resolve a ``share_prompt`` setting: ``True`` / ``False``, or ``"auto"`` (by model width).
+    """Resolve a ``share_prompt`` setting: ``True`` / ``False``, or ``"auto"``.
+
+    ``"auto"`` is on where the packed forward applies: a separable LM head and an attention
+    implementation that takes a 4D mask (``sdpa`` or ``eager``).
 
     Raises:
         ValueError: ``setting`` is neither a bool nor ``"auto"``.
@@ -44,9 +50,13 @@ def share_prompt_pays(model: nn.Module, setting: bool | str = "auto") -> bool:
         return setting
     if setting != "auto":
         raise ValueError(f"train.share_prompt: expected true, false or auto, got {setting!r}")
+    return _split_head(model) is not None and _attention_kind(model) is not None
+
+
+def _attention_kind(model: nn.Module) -> str | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    width = getattr(getattr(base, "config", None), "hidden_size", None)
-    return width is not None and width >= SHARE_PROMPT_MIN_WIDTH
+    kind = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    return kind if kind in _MASKED_ATTENTION else None
 
 
 def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -70,6 +80,7 @@ def response_logps(
     response_mask: torch.Tensor,
     head_on_response_only: bool = True,
     share_prompt: bool = False,
+    pair_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sum of response-token log-probs per sequence.
 
@@ -83,39 +94,53 @@ def response_logps(
             run each prompt once (see the module docstring). Needs ``head_on_response_only``;
             batches that do not have that form, and models without a separable head, take
             the plain path.
+        pair_weights: Value name -> (S/2,) preference weights of a ``[chosen; rejected]``
+            batch's pairs: pair i (rows i and S/2 + i) computes with its own combination of
+            value vectors (:func:`lora.using_row_weights`), so that one forward scores many
+            preference vectors. None: the model's current weights for every row.
 
     Returns:
         (S,) fp32 log pi(y|x).
     """
     num_seqs = input_ids.shape[0]
+    if pair_weights is not None and num_seqs % 2:
+        raise ValueError(f"pair_weights needs a [chosen; rejected] batch, got {num_seqs} rows")
     split = _split_head(model) if head_on_response_only else None
-    if share_prompt and split is not None:
-        shared = _shared_prompt_logps(*split, input_ids, attention_mask, response_mask)
-        if shared is not None:
-            return shared
+    kind = _attention_kind(model) if share_prompt and split is not None else None
+    if kind is not None:
+        packed = _packed_pair_logps(
+            *split, kind, input_ids, attention_mask, response_mask, _rows(model, pair_weights, 1)
+        )
+        if packed is not None:
+            return packed
     target_mask = response_mask[:, 1:].bool()  # (S, T-1): token t+1 is predicted at position t
     targets = input_ids[:, 1:][target_mask]  # (N,)
-    if split is not None:
-        decoder, head = split
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        logits = head(hidden[:, :-1][target_mask])  # (N, V), only response positions
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logits = logits[:, :-1][target_mask]  # (N, V)
+    with _rows(model, pair_weights, 2):  # rows i and B + i are pair i
+        if split is not None:
+            decoder, head = split
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
+            logits = head(hidden[:, :-1][target_mask])  # (N, V), only response positions
+        else:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            logits = out.logits[:, :-1][target_mask]  # (N, V)
     seq_index = torch.arange(num_seqs, device=input_ids.device)[:, None].expand_as(target_mask)
     return sum_by_sequence(token_logps(logits, targets), seq_index[target_mask], num_seqs)
 
 
-def _shared_prompt_logps(
+def _packed_pair_logps(
     decoder: nn.Module,
     head: nn.Module,
+    attention: str,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_mask: torch.Tensor,
+    rows: contextlib.AbstractContextManager,
 ) -> torch.Tensor | None:
-    """``response_logps`` of a ``[chosen; rejected]`` batch with each prompt run once.
+    """``response_logps`` of a ``[chosen; rejected]`` batch, one packed row per pair.
+
+    ``rows`` is entered around the forward (per-pair weights of the packed rows).
 
     Returns None (the caller takes the plain path) unless rows i and B + i hold the same
     non-empty prompt and every row is prompt, then a non-empty response, then padding.
@@ -129,8 +154,7 @@ def _shared_prompt_logps(
     starts = resp.int().argmax(dim=1)  # (S,) prompt lengths: first response position
     resp_len = resp.sum(dim=1)  # (S,)
     real_len = attention_mask.bool().sum(dim=1)  # (S,)
-    cols = torch.arange(width, device=device)
-    in_prompt = cols[None, :] < starts[:b, None]  # (B, T)
+    in_prompt = torch.arange(width, device=device)[None, :] < starts[:b, None]  # (B, T)
     if (
         bool((resp_len == 0).any())
         or bool((starts == 0).any())
@@ -139,39 +163,50 @@ def _shared_prompt_logps(
         or not bool(((input_ids[:b] == input_ids[b:]) | ~in_prompt).all())
     ):
         return None
-    p_width, r_width = int(starts.max()), int(resp_len.max())
 
-    # 1. Prompts, left-padded to P so that they end together; positions as in the full rows.
-    src = torch.arange(p_width, device=device)[None, :] - (p_width - starts[:b, None])  # (B, P)
-    p_mask = src >= 0
-    p_pos = src.clamp(min=0)
-    p_ids = torch.where(p_mask, input_ids[:b].gather(1, p_pos), 0)
-    out = decoder(input_ids=p_ids, attention_mask=p_mask.long(), position_ids=p_pos, use_cache=True)
-    cache_name = _cache_name(decoder)  # transformers 5 renames past_key_values -> cache
-    cache = getattr(out, cache_name)
-    cache.reorder_cache(torch.arange(b, device=device).repeat(2))  # (2B, ...): [prompts; prompts]
+    # Packed row i: prompt (P), chosen (C), rejected (R), padding; columns j of width L.
+    p, c, r = starts[:b, None], resp_len[:b, None], resp_len[b:, None]  # (B, 1)
+    total = p + c + r
+    j = torch.arange(int(total.max()), device=device)[None, :]  # (1, L)
+    in_chosen_row = j < p + c  # prompt and chosen: the chosen row's own columns
+    is_chosen = in_chosen_row & (j >= p)  # (B, L)
+    real = j < total
+    is_rejected = real & ~in_chosen_row  # taken from the rejected row's column j - C
+    src = torch.where(in_chosen_row, j, j - c).clamp(max=width - 1)
+    ids = torch.where(in_chosen_row, input_ids[:b].gather(1, src), input_ids[b:].gather(1, src))
+    ids = ids.masked_fill(~real, 0)
+    positions = torch.where(is_rejected, j - c, j).masked_fill(~real, 0)
 
-    # 2. Responses of both rows, continuing from the cache at their own positions.
-    r_pos = starts[:, None] + torch.arange(r_width, device=device)[None, :]  # (S, R)
-    r_mask = torch.arange(r_width, device=device)[None, :] < resp_len[:, None]  # (S, R)
-    r_ids = torch.where(r_mask, input_ids.gather(1, r_pos.clamp(max=width - 1)), 0)
-    kv_mask = torch.cat([p_mask.repeat(2, 1), r_mask], dim=1).long()  # (S, P + R)
-    hidden = decoder(
-        input_ids=r_ids,
-        attention_mask=kv_mask,
-        position_ids=r_pos,
-        use_cache=True,
-        **{cache_name: cache},
-    ).last_hidden_state  # (S, R, d)
+    # Causal over real keys; rejected queries never see chosen keys; padding sees itself.
+    sees = (j[:, :, None] >= j[:, None, :]) & real[:, None, :]  # (B, L, L) query, key
+    sees &= ~(is_rejected[:, :, None] & is_chosen[:, None, :])
+    sees |= torch.eye(j.shape[1], dtype=torch.bool, device=device)
+    mask = sees[:, None]  # (B, 1, L, L), True = attend (sdpa's convention)
+    if attention == "eager":  # eager adds the mask to the scores
+        dtype = head.weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+    with rows:
+        hidden = decoder(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state  # (B, L, d)
 
-    # Response token t is predicted at the previous position: the prompt's last for t = 0.
-    last_prompt = out.last_hidden_state[:, -1:].repeat(2, 1, 1)  # (S, 1, d)
-    predictors = torch.cat([last_prompt, hidden[:, :-1]], dim=1)  # (S, R, d)
-    logits = head(predictors[r_mask])  # (N, V), response positions only
-    seq_index = torch.arange(num_seqs, device=device)[:, None].expand_as(r_mask)
-    return sum_by_sequence(token_logps(logits, r_ids[r_mask]), seq_index[r_mask], num_seqs)
+    # A token is predicted at the previous column; the first rejected token at the prompt's end.
+    targets = is_chosen | is_rejected
+    predictor = torch.where(is_rejected & (j == p + c), p - 1, j - 1)  # (B, L)
+    rows = torch.arange(b, device=device)[:, None].expand_as(targets)
+    logits = head(hidden[rows[targets], predictor[targets]])  # (N, V)
+    seq_index = torch.where(is_chosen, rows, rows + b)[targets]  # chosen -> i, rejected -> B + i
+    return sum_by_sequence(token_logps(logits, ids[targets]), seq_index, num_seqs)
 
 
-def _cache_name(decoder: nn.Module) -> str:
-    params = inspect.signature(decoder.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+def _rows(
+    model: nn.Module, pair_weights: Mapping[str, torch.Tensor] | None, rows_per_pair: int
+) -> contextlib.AbstractContextManager:
+    """Per-row weights for a forward whose rows are the pairs, repeated ``rows_per_pair`` times."""
+    if pair_weights is None:
+        return contextlib.nullcontext()
+    return lora.using_row_weights(
+        model, {v: w.repeat(rows_per_pair) for v, w in pair_weights.items()}
+    )

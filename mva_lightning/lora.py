@@ -196,6 +196,46 @@ def using_weights(model: nn.Module, weights: Mapping[str, float]) -> Iterator[nn
         set_weights(model, previous)
 
 
+@contextlib.contextmanager
+def using_row_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Context manager: batch row n computes W_0 + sum_v weights[v][n] delta W_v.
+
+    Many preference vectors in one forward (or one ``generate``): each adapter's scale becomes
+    a per-row column that broadcasts over the (rows, tokens, features) output of its layer.
+    Every forward inside must have exactly N rows; the previous combination is restored after.
+
+    Args:
+        model: A model from :func:`add_value_vectors`.
+        weights: Value name -> (N,) tensor of w_v per row. Values left out get w_v = 0.
+
+    Raises:
+        KeyError: A name has no value vector.
+        ValueError: The tensors are not 1-D of one common length.
+    """
+    known = value_names(model)
+    unknown = [v for v in weights if v not in known]
+    if unknown:
+        raise KeyError(f"preference names {unknown} have no value vector; trained: {known}")
+    sizes = {tuple(t.shape) for t in weights.values()}
+    if len(sizes) > 1 or any(len(size) != 1 for size in sizes):
+        raise ValueError(f"row weights: expected (N,) tensors of one length, got shapes {sizes}")
+    previous = get_weights(model)
+    active = {v: t for v, t in weights.items() if bool((t != 0).any())}
+    set_weights(model, dict.fromkeys(active, 1.0))  # unit scales, the right adapters on
+    try:
+        for _, layer in lora_layers(model):
+            for v, column in active.items():
+                unit = layer.scaling[v]
+                device = layer.lora_B[v].weight.device
+                layer.scaling[v] = column.to(device, torch.float32)[:, None, None] * unit
+        yield model
+    finally:
+        for _, layer in lora_layers(model):
+            for v in active:
+                layer.set_scale(v, 1.0)  # a plain float again
+        set_weights(model, previous)
+
+
 def preference_dict(values: Sequence[str], w: Sequence[float]) -> dict[str, float]:
     """Pair a preference vector with value names, checking its length."""
     w = [float(x) for x in w]

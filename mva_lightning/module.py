@@ -72,9 +72,9 @@ class MVAModule(L.LightningModule):
         reference_model: A separate frozen reference; ``None`` uses the policy at w = 0.
         precompute_reference: Compute reference log-probs once per stage and reuse them.
         head_on_response_only: Run the LM head only on response positions.
-        share_prompt: Run each prompt once for its chosen and rejected rows (KV cache shared;
-            same log-probs): True, False or "auto" (on for models at least
-            ``logps.SHARE_PROMPT_MIN_WIDTH`` wide). Off while MI activation features are
+        share_prompt: Run each pair as one packed row, its prompt once for both responses
+            (same log-probs; see :mod:`mva_lightning.logps`): True, False or "auto" (on where
+            the model's attention takes a 4D mask). Off while MI activation features are
             captured.
         label_smoothing: Conservative-DPO epsilon.
         accumulate_grad_batches: Batches per optimizer step.

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import REPO
 
 EXPERIMENTS = REPO / "experiments"
@@ -117,49 +116,6 @@ def test_scaling_ratios_against_expected(bench):
     assert rows[3]["time_s"] == 2.6 and rows[3]["expected_ratio"] == pytest.approx(2.6)
 
 
-def test_share_prompt_gives_the_plain_log_probs_and_gradients():
-    import torch
-
-    from mva_lightning import lora
-    from mva_lightning.data.collate import collate_pairs, tokenize_pair
-    from mva_lightning.data.sources import PreferencePair
-    from mva_lightning.logps import response_logps
-    from mva_lightning.models import tiny_llama
-
-    backbone = tiny_llama()
-    tok = backbone.tokenizer
-    pairs = [  # prompts of different lengths, responses of different lengths
-        PreferencePair("Q: hi\nA:", " hello there", " no"),
-        PreferencePair("Q: a longer question here?\nA:", " yes", " a much longer answer"),
-        PreferencePair("Q: x\nA:", " y", " z"),
-    ]
-    batch = collate_pairs([tokenize_pair(p, i, tok, 64, 40) for i, p in enumerate(pairs)], 0)
-    policy = lora.add_value_vectors(backbone.model, ["v"])
-    lora.set_trainable(policy, ["v"])
-    lora.set_weights(policy, {"v": 1.0})
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    args = (policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-    out = {}
-    for share in (False, True):
-        policy.zero_grad(set_to_none=True)
-        logps = response_logps(*args, share_prompt=share)
-        (logps * torch.arange(1.0, 7.0)).sum().backward()
-        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-        out[share] = (logps.detach(), grads)
-    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-4)
-    assert out[True][1].keys() == out[False][1].keys() and out[True][1]
-    for k, g in out[False][1].items():  # float rounding differs: compare at the grad's scale
-        torch.testing.assert_close(out[True][1][k], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
-    # Rows that do not share their prompt (not a [chosen; rejected] batch) take the plain path.
-    swapped = [t[[0, 1, 2, 4, 3, 5]] for t in args[1:]]
-    plain = response_logps(policy, *swapped)
-    torch.testing.assert_close(response_logps(policy, *swapped, share_prompt=True), plain)
-
-
 def _script(name, out, *args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(EXPERIMENTS / name), "--quick", "--out", str(out), *args]
@@ -185,36 +141,9 @@ def test_bench_train_runs_at_minimal_size(tmp_path):
 def test_bench_scaling_runs_at_minimal_size(tmp_path):
     report = _script("bench_scaling.py", tmp_path / "bench_scaling.json")
     sweeps = {(r["sweep"], r["x"]) for r in report["rows"]}
-    assert sweeps == {("values", 1), ("values", 2), ("pairs", 4), ("pairs", 8)} | {
+    assert sweeps == {("values", 1), ("values", 2), ("values_hsic", 2), ("pairs", 4)} | {
+        ("pairs", 8),
         ("candidates", 4),
         ("candidates", 9),
     }
     assert all(r["peak_rss_mib"] > 0 and r["time_s"] > 0 for r in report["rows"])
-
-
-def test_share_prompt_auto_follows_the_model_width():
-    from mva_lightning import lora, models
-    from mva_lightning.logps import SHARE_PROMPT_MIN_WIDTH, share_prompt_pays
-
-    narrow = lora.add_value_vectors(models.tiny_llama().model, ["v"])  # 64 wide, PEFT-wrapped
-    wide = models.tiny_llama(hidden_size=SHARE_PROMPT_MIN_WIDTH, num_layers=1).model
-    assert share_prompt_pays(narrow, "auto") is False and share_prompt_pays(wide, "auto") is True
-    assert share_prompt_pays(narrow, True) is True and share_prompt_pays(wide, False) is False
-    with pytest.raises(ValueError, match="train.share_prompt"):
-        share_prompt_pays(narrow, "sometimes")
-
-
-@pytest.mark.slow
-def test_compiled_decoder_gives_the_eager_log_probs():
-    from mva_lightning import models
-    from mva_lightning.logps import response_logps
-    from mva_lightning.train import compile_decoder
-
-    backbone = models.tiny_llama()
-    ids = torch.randint(3, 200, (4, 24), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    response = torch.zeros_like(ids)
-    response[:, 12:] = 1
-    eager = response_logps(backbone.model, ids, mask, response)
-    compile_decoder(backbone.model)
-    torch.testing.assert_close(response_logps(backbone.model, ids, mask, response), eager)

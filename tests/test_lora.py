@@ -139,3 +139,34 @@ def test_cosine_similarity_of_identical_vectors(policy):
             layer.lora_B["humor"].weight.copy_(-2 * layer.lora_B["helpful"].weight)
     cos = lora.cosine_similarity(policy, "helpful", "humor")
     assert cos and all(c == pytest.approx(-1.0, abs=1e-5) for c in cos.values())
+
+
+def test_row_weights_give_each_row_its_own_combination(policy):
+    names = lora.value_names(policy)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    ids = torch.randint(3, 200, (2, 10), generator=gen)
+    rows = [(0.5, 1.0), (1.5, 0.0), (0.0, -2.0)]
+    lora.set_weights(policy, {names[0]: 0.25})
+    with torch.no_grad():
+        alone = []
+        for w in rows:
+            with lora.using_weights(policy, dict(zip(names[:2], w, strict=True))):
+                alone.append(policy(input_ids=ids).logits)
+        columns = {
+            v: torch.tensor([w[i] for w in rows]).repeat_interleave(2)
+            for i, v in enumerate(names[:2])
+        }
+        with lora.using_row_weights(policy, columns):
+            together = policy(input_ids=ids.repeat(3, 1)).logits
+    torch.testing.assert_close(together, torch.cat(alone), rtol=0, atol=1e-6)
+    assert lora.get_weights(policy)[names[0]] == 0.25  # the previous combination is back
+    with pytest.raises(KeyError, match="no value vector"):
+        lora.using_row_weights(policy, {"nope": torch.ones(2)}).__enter__()
+    with pytest.raises(ValueError, match="one length"):
+        lora.using_row_weights(
+            policy, {names[0]: torch.ones(2), names[1]: torch.ones(3)}
+        ).__enter__()

@@ -192,9 +192,9 @@ class PreferenceDataModule(L.LightningDataModule):
         kw = dict(collate_fn=collate, num_workers=self.num_workers)
         world, rank = self.replicas()
         if split == "train" and shuffle and self.bucket_by_length:
-            lengths = [
-                len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in data
-            ]
+            # A pair's tokens: its packed row's length (logps ``share_prompt``) and, closely,
+            # its two rows' padded width on the plain path.
+            lengths = [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in data]
             # Buckets of the global batch; each of the W devices takes every W-th index.
             sampler = LengthBucketSampler(
                 lengths, self.batch_size * world, self.seed, num_replicas=world, rank=rank
