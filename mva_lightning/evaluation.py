@@ -2,15 +2,18 @@
 
 An objective is one class with three methods: ``validate`` (cheap checks, before any work),
 ``prepare`` (one-time work shared by every candidate, e.g. reference log-probs) and ``score``
-(``{value: score, "value/extra": ...}``, every column maximised). The sweep over preference
-vectors that uses them is :func:`mva_lightning.extrapolate.extrapolate`.
+(``{value: score, "value/extra": ...}``, every column maximised), plus ``score_many``, which
+scores several preference vectors at once: both built-in objectives run up to
+``candidates_per_forward`` of them in one batched forward (or one ``generate``), each row with
+its own combination of value vectors (:func:`mva_lightning.lora.using_row_weights`). The sweep
+over preference vectors that uses them is :func:`mva_lightning.extrapolate.extrapolate`.
 
 - :class:`ImplicitReward` (METHOD 5a): on held-out pairs of value v, the DPO implicit reward
   r = beta * (log pi_w(y|x) - log pi_0(y|x)); score = accuracy P(r_chosen > r_rejected),
   extra column ``v/margin`` = mean(r_chosen - r_rejected). No generation; the reference
   log-probs are computed once per (value, split) and reused for every candidate.
 - :class:`GenerationScore` (METHOD 5b, the paper's metric): one shared prompt set, one batched
-  generation per candidate, each value's scorer applied to (prompt, continuation).
+  generation for a batch of candidates, each value's scorer applied to (prompt, continuation).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Objective:
     """Scores a policy for every value; subclasses override :meth:`score` and the settings."""
 
     split: str = "val"
+    candidates_per_forward: int = 1
 
     def settings(self) -> dict[str, Any]:
         """JSON-able settings that change the scores (part of the result-cache fingerprint)."""
@@ -58,6 +62,26 @@ class Objective:
         """Column -> score for the policy's current weights; ``{v}`` for every value v."""
         raise NotImplementedError
 
+    def score_many(
+        self,
+        policy: nn.Module,
+        datamodule,
+        values: Sequence[str],
+        weights: Sequence[Mapping[str, float]],
+    ) -> list[dict[str, float]]:
+        """:meth:`score` for each preference vector in ``weights`` (value name -> w_v).
+
+        The default sets each in turn; subclasses batch up to ``candidates_per_forward``. The
+        policy's weights are restored after.
+        """
+        from mva_lightning import lora
+
+        out = []
+        for w in weights:
+            with lora.using_weights(policy, w):
+                out.append(self.score(policy, datamodule, values))
+        return out
+
     def for_split(self, split: str) -> Objective:
         """The same objective on another split (e.g. ``test`` to report the front)."""
         raise NotImplementedError
@@ -70,8 +94,13 @@ class ImplicitReward(Objective):
         beta: DPO beta (``${train.beta}``).
         split: Which split's pairs to use (``val`` to select, ``test`` to report).
         max_pairs: Use only the first this-many pairs of each value (None: all).
-        batch_size: Pairs per forward (None: the data module's ``eval_batch_size``).
+        batch_size: Pairs per forward and candidate (None: the data module's
+            ``eval_batch_size``).
         head_on_response_only: Run the LM head only on response positions.
+        share_prompt: Each pair as one packed row (:mod:`mva_lightning.logps`): True, False or
+            "auto".
+        candidates_per_forward: Preference vectors scored in one forward by
+            :meth:`score_many` (rows and memory grow with it; the scores do not change).
     """
 
     def __init__(
@@ -81,13 +110,17 @@ class ImplicitReward(Objective):
         max_pairs: int | None = None,
         batch_size: int | None = None,
         head_on_response_only: bool = True,
+        share_prompt: bool | str = "auto",
+        candidates_per_forward: int = 8,
     ) -> None:
         if not beta > 0:
             raise ValueError(f"ImplicitReward: beta must be > 0, got {beta}")
         if max_pairs is not None and max_pairs < 1:
             raise ValueError(f"ImplicitReward: max_pairs must be >= 1 or None, got {max_pairs}")
+        _check_candidates_per_forward(type(self).__name__, candidates_per_forward)
         self.beta, self.split, self.max_pairs = float(beta), split, max_pairs
         self.batch_size, self.head_on_response_only = batch_size, head_on_response_only
+        self.share_prompt, self.candidates_per_forward = share_prompt, candidates_per_forward
         # (id(datamodule), value) -> [(batch, reference log-probs (2B,))]
         self._cache: dict[tuple[int, str], list[tuple[dict, torch.Tensor]]] = {}
 
@@ -96,7 +129,13 @@ class ImplicitReward(Objective):
 
     def for_split(self, split: str) -> ImplicitReward:
         return ImplicitReward(
-            self.beta, split, self.max_pairs, self.batch_size, self.head_on_response_only
+            self.beta,
+            split,
+            self.max_pairs,
+            self.batch_size,
+            self.head_on_response_only,
+            self.share_prompt,
+            self.candidates_per_forward,
         )
 
     def validate(self, datamodule, values: Sequence[str]) -> None:
@@ -114,7 +153,6 @@ class ImplicitReward(Objective):
 
     def prepare(self, policy: nn.Module, datamodule, values: Sequence[str]) -> None:
         from mva_lightning import lora
-        from mva_lightning.logps import response_logps
 
         size = self.batch_size or datamodule.eval_batch_size
         pad = datamodule.tokenizer.pad_token_id
@@ -129,39 +167,79 @@ class ImplicitReward(Objective):
                 for start in range(0, len(examples), size):
                     batch = collate_pairs(examples[start : start + size], pad)
                     batch = {k: t.to(device) for k, t in batch.items()}
-                    ref = response_logps(  # (2B,) log pi_0, rows [chosen; rejected]
-                        policy,
-                        batch["input_ids"],
-                        batch["attention_mask"],
-                        batch["response_mask"],
-                        self.head_on_response_only,
-                    )
-                    entries.append((batch, ref.float()))
+                    entries.append((batch, self._logps(policy, batch).float()))  # (2B,) pi_0
             self._cache[key] = entries
 
     def score(self, policy: nn.Module, datamodule, values: Sequence[str]) -> dict[str, float]:
-        from mva_lightning.logps import response_logps
+        from mva_lightning import lora
 
+        return self.score_many(policy, datamodule, values, [lora.get_weights(policy)])[0]
+
+    def score_many(
+        self,
+        policy: nn.Module,
+        datamodule,
+        values: Sequence[str],
+        weights: Sequence[Mapping[str, float]],
+    ) -> list[dict[str, float]]:
+        """Scores of many preference vectors, their pairs stacked into one forward per batch."""
         self.prepare(policy, datamodule, values)
-        out: dict[str, float] = {}
+        out: list[dict[str, float]] = [{} for _ in weights]
         with _eval_mode(policy), torch.no_grad():
             for v in values:
-                margins = []
-                for batch, ref in self._cache[(id(datamodule), v)]:
-                    logps = response_logps(
-                        policy,
-                        batch["input_ids"],
-                        batch["attention_mask"],
-                        batch["response_mask"],
-                        self.head_on_response_only,
-                    ).float()
-                    reward = self.beta * (logps - ref)  # (2B,) r = beta (log pi_w - log pi_0)
-                    chosen, rejected = reward.chunk(2)
-                    margins.append(chosen - rejected)  # (B,)
-                margin = torch.cat(margins)
-                out[v] = float((margin > 0).float().mean())
-                out[f"{v}/margin"] = float(margin.mean())
+                margins = [  # (C, B) per batch
+                    self._margins(policy, batch, ref, weights)
+                    for batch, ref in self._cache[(id(datamodule), v)]
+                ]
+                for row, margin in zip(out, torch.cat(margins, dim=1), strict=True):
+                    row[v] = float((margin > 0).float().mean())
+                    row[f"{v}/margin"] = float(margin.mean())
         return out
+
+    def _margins(self, policy, batch: dict, ref: torch.Tensor, weights) -> torch.Tensor:
+        """(C, B) r_chosen - r_rejected of C preference vectors on one [chosen; rejected] batch."""
+        from mva_lightning import lora
+
+        c, b = len(weights), batch["input_ids"].shape[0] // 2
+        if c == 1:
+            with lora.using_weights(policy, weights[0]):
+                logps = self._logps(policy, batch)
+        else:  # rows [chosen of w_1..w_C; rejected of w_1..w_C]: pair j = c * B + i
+            keys = ("input_ids", "attention_mask", "response_mask")
+            stacked = {k: _repeat_pairs(batch[k], c) for k in keys}
+            names = list(dict.fromkeys(n for w in weights for n in w))
+            pair_weights = {
+                n: torch.tensor([float(w.get(n, 0.0)) for w in weights]).repeat_interleave(b)
+                for n in names
+            }
+            logps = self._logps(policy, stacked, pair_weights)
+        reward = self.beta * (logps.float().view(2, c, b) - ref.view(2, 1, b))
+        return reward[0] - reward[1]
+
+    def _logps(self, policy, batch: dict, pair_weights=None) -> torch.Tensor:
+        from mva_lightning.logps import response_logps, share_prompt_pays
+
+        return response_logps(
+            policy,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["response_mask"],
+            self.head_on_response_only,
+            share_prompt=share_prompt_pays(policy, self.share_prompt),
+            pair_weights=pair_weights,
+        )
+
+
+def _repeat_pairs(rows: torch.Tensor, copies: int) -> torch.Tensor:
+    """(2B, T) [chosen; rejected] -> (2CB, T) [chosen x C; rejected x C]."""
+    two_b, width = rows.shape
+    halves = rows.view(2, 1, two_b // 2, width).expand(2, copies, two_b // 2, width)
+    return halves.reshape(2 * copies * (two_b // 2), width)
+
+
+def _check_candidates_per_forward(owner: str, n: int) -> None:
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"{owner}: candidates_per_forward must be an integer >= 1, got {n!r}")
 
 
 class GenerationScore(Objective):
@@ -184,6 +262,10 @@ class GenerationScore(Objective):
         chat_template: Wrap prompts in the chat template (None: as the data module does).
         max_prompt_length: Prompt tokens kept (None: the data module's ``max_prompt_length``).
         seed: Sampling seed.
+        candidates_per_forward: Preference vectors generated for in one ``generate`` call by
+            :meth:`score_many` (``batch_size`` prompts each). Greedy decoding only: sampled
+            candidates run one at a time, so that a candidate's samples never depend on which
+            others share its batch.
     """
 
     def __init__(
@@ -199,6 +281,7 @@ class GenerationScore(Objective):
         chat_template: bool | None = None,
         max_prompt_length: int | None = None,
         seed: int = 0,
+        candidates_per_forward: int = 8,
     ) -> None:
         # None: a value the run does not have (a config listing scorers for optional values).
         scorers = {v: s for v, s in (scorers or {}).items() if s is not None}
@@ -206,7 +289,9 @@ class GenerationScore(Objective):
             raise ValueError("GenerationScore: expected one scorer per value, got none")
         if num_prompts < 1:
             raise ValueError(f"GenerationScore: num_prompts must be >= 1, got {num_prompts}")
+        _check_candidates_per_forward(type(self).__name__, candidates_per_forward)
         self.scorers = scorers
+        self._per_forward = candidates_per_forward
         self.split, self.num_prompts = prompts_split, num_prompts
         self.generation = dict(
             max_new_tokens=max_new_tokens,
@@ -217,6 +302,10 @@ class GenerationScore(Objective):
             seed=seed,
         )
         self.chat_template, self.max_prompt_length = chat_template, max_prompt_length
+
+    @property
+    def candidates_per_forward(self) -> int:
+        return 1 if self.generation["do_sample"] else self._per_forward
 
     def settings(self) -> dict[str, Any]:
         names = {v: _scorer_name(s) for v, s in self.scorers.items()}
@@ -237,6 +326,7 @@ class GenerationScore(Objective):
             self.num_prompts,
             chat_template=self.chat_template,
             max_prompt_length=self.max_prompt_length,
+            candidates_per_forward=self._per_forward,
             **kw,
         )
 
@@ -266,32 +356,58 @@ class GenerationScore(Objective):
         return _hash(self.prompts(datamodule, values))
 
     def score(self, policy: nn.Module, datamodule, values: Sequence[str]) -> dict[str, float]:
+        return self._generate_and_score(policy, datamodule, values, None)[0]
+
+    def score_many(
+        self,
+        policy: nn.Module,
+        datamodule,
+        values: Sequence[str],
+        weights: Sequence[Mapping[str, float]],
+    ) -> list[dict[str, float]]:
+        """Scores of many preference vectors: the prompt set once per vector, one ``generate``."""
+        if len(weights) == 1 or self.candidates_per_forward == 1:
+            return super().score_many(policy, datamodule, values, weights)
+        return self._generate_and_score(policy, datamodule, values, weights)
+
+    def _generate_and_score(self, policy, datamodule, values, weights) -> list[dict[str, float]]:
         from mva_lightning.generation import generate
 
         prompts = self.prompts(datamodule, values)
+        n, c = len(prompts), 1 if weights is None else len(weights)
         chat = datamodule.chat_template if self.chat_template is None else self.chat_template
         max_prompt = self.max_prompt_length or datamodule.max_prompt_length
+        settings = {**self.generation, "batch_size": self.generation["batch_size"] * c}
+        per_prompt = None
+        if weights is not None:  # prompt block k generates with w_k
+            names = list(dict.fromkeys(v for w in weights for v in w))
+            per_prompt = {
+                v: [float(w.get(v, 0.0)) for w in weights for _ in prompts] for v in names
+            }
         responses = generate(
             policy,
             datamodule.tokenizer,
-            prompts,
+            list(prompts) * c,
             chat_template=chat,
             max_prompt_length=max_prompt,
-            **self.generation,
+            prompt_weights=per_prompt,
+            **settings,
         )
-        out: dict[str, float] = {}
+        out: list[dict[str, float]] = [{} for _ in range(c)]
         for v in values:
             scorer, name = self.scorers[v], _scorer_name(self.scorers[v])
-            try:
-                raw = scorer(list(prompts), list(responses))
-                scores = check_scores(raw, len(prompts), name)
+            try:  # one call for every candidate's responses
+                raw = scorer(list(prompts) * c, list(responses))
+                scores = check_scores(raw, n * c, name)
             except ScorerError:
                 raise
             except Exception as err:
                 raise ScorerError(f"scorer {name!r} (value {v!r}) failed: {err}") from err
-            mean = sum(scores) / len(scores)
-            out[v] = mean
-            out[f"{v}/std"] = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+            for k, row in enumerate(out):
+                block = scores[k * n : (k + 1) * n]
+                mean = sum(block) / n
+                row[v] = mean
+                row[f"{v}/std"] = math.sqrt(sum((s - mean) ** 2 for s in block) / n)
         return out
 
 

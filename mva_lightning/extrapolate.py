@@ -1,8 +1,10 @@
 """The extrapolation sweep (METHOD 5): score preference vectors, keep the Pareto set, save it.
 
 :func:`extrapolate` scores every candidate w (and always the base, w = 0, the default
-hypervolume reference) with an objective from :mod:`mva_lightning.evaluation`. Switching w only
-calls :func:`lora.set_weights` (no reload, no merge). Each candidate's scores are written to
+hypervolume reference) with an objective from :mod:`mva_lightning.evaluation`. The adapters
+stay loaded (no reload, no merge): the objective scores ``candidates_per_forward`` preference
+vectors at a time in one batched forward, each row with its own weights
+(:func:`lora.using_row_weights`). Each candidate's scores are written to
 ``<out>/scores/<fingerprint>/<w>.json`` as soon as they exist, keyed by w and a fingerprint of
 the objective's settings, its data and the value vectors, so an interrupted sweep resumes where
 it stopped and gives the same front. Then: Pareto mask and hypervolume (moocore, via
@@ -388,31 +390,41 @@ def _score_all(policy, datamodule, values, objective, todo, out_dir, adapters, p
     cache = out_dir / "scores" / fingerprint
     out: dict[tuple[float, ...], dict[str, float]] = {}
     scored = skipped = 0
-    prepared = False
     desc = f"extrapolation [{objective.split}]"
+    chunk = objective.candidates_per_forward
     with torch.no_grad(), lora.using_weights(policy, lora.get_weights(policy)):
-        for w in tqdm(todo, desc=desc, disable=not progress):
-            path = cache / f"{w_label(w)}.json"
-            cached = _read_cached(path, w, values)
-            if cached is not None:
+        pending = []
+        for w in todo:
+            cached = _read_cached(cache / f"{w_label(w)}.json", w, values)
+            if cached is None:
+                pending.append(w)
+            else:
                 out[w] = cached
                 skipped += 1
-                continue
-            if not prepared:
-                objective.prepare(policy, datamodule, values)
-                prepared = True
-            lora.set_weights(policy, lora.preference_dict(names, w))
-            scores = {k: float(s) for k, s in objective.score(policy, datamodule, values).items()}
-            missing = [v for v in values if v not in scores]
-            bad = [k for k, s in scores.items() if not math.isfinite(s)]
-            if missing or bad:
-                raise ValueError(
-                    f"{type(objective).__name__} at w={w}: missing columns {missing}, "
-                    f"non-finite {bad}"
-                )
-            write_json(path, {"w": list(w), "values": values, "scores": scores})
-            out[w] = scores
-            scored += 1
+        if pending:
+            objective.prepare(policy, datamodule, values)
+        with tqdm(total=len(todo), initial=skipped, desc=desc, disable=not progress) as bar:
+            for start in range(0, len(pending), chunk):  # a batch of candidates per forward
+                group = pending[start : start + chunk]
+                prefs = [lora.preference_dict(names, w) for w in group]
+                results = objective.score_many(policy, datamodule, values, prefs)
+                for w, result in zip(group, results, strict=True):
+                    scores = {k: float(s) for k, s in result.items()}
+                    missing = [v for v in values if v not in scores]
+                    bad = [k for k, s in scores.items() if not math.isfinite(s)]
+                    if missing or bad:
+                        raise ValueError(
+                            f"{type(objective).__name__} at w={w}: missing columns {missing}, "
+                            f"non-finite {bad}"
+                        )
+                    write_json(
+                        cache / f"{w_label(w)}.json",
+                        {"w": list(w), "values": values, "scores": scores},
+                    )
+                    out[w] = scores
+                    scored += 1
+                bar.update(len(group))
+    out = {w: out[w] for w in todo}
     return out, fingerprint, scored, skipped
 
 

@@ -15,11 +15,13 @@ model's context together with ``max_new_tokens`` is an error naming the prompt.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from mva_lightning import lora
 from mva_lightning.data.collate import collate_prompts, format_prompt
 
 
@@ -78,6 +80,7 @@ def generate(
     max_prompt_length: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    prompt_weights: Mapping[str, Sequence[float]] | None = None,
 ) -> list[str]:
     """Generate a continuation for every prompt with the model as it is (its current weights).
 
@@ -94,6 +97,10 @@ def generate(
         max_prompt_length: Keep only the last this-many prompt tokens (None: keep all).
         seed: Sampling seed; batch b samples from ``seed + b`` (the global RNG is untouched).
         progress: Show a tqdm bar over batches.
+        prompt_weights: Value name -> one preference weight per prompt: prompt i generates
+            with W_0 + sum_v prompt_weights[v][i] delta W_v (:func:`lora.using_row_weights`),
+            so that one call generates for many preference vectors. None: the model's current
+            weights for every prompt.
 
     Returns:
         One decoded continuation per prompt, in input order, without the prompt, cut at the
@@ -113,6 +120,12 @@ def generate(
         )
     if not prompts:
         return []
+    if prompt_weights is not None:
+        bad = {v: len(w) for v, w in prompt_weights.items() if len(w) != len(prompts)}
+        if bad:
+            raise ValueError(
+                f"prompt_weights: expected {len(prompts)} weights per value, got {bad}"
+            )
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     if pad is None or eos is None:
         raise ValueError("generate: the tokenizer needs pad_token_id and eos_token_id")
@@ -141,7 +154,18 @@ def generate(
         for b, rows in enumerate(tqdm(batches, desc="generate", disable=not progress)):
             batch = collate_prompts([ids[i] for i in rows], pad)  # (B, T) left-padded
             batch = {k: t.to(device) for k, t in batch.items()}
-            with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)):
+            if prompt_weights is None:
+                weights = contextlib.nullcontext()
+            else:
+                rows_w = {
+                    v: torch.tensor([float(w[i]) for i in rows]) for v, w in prompt_weights.items()
+                }
+                weights = lora.using_row_weights(model, rows_w)
+            with (
+                torch.no_grad(),
+                torch.random.fork_rng(devices=_rng_devices(device)),
+                weights,
+            ):
                 torch.manual_seed(seed + b)
                 out = model.generate(
                     **batch,

@@ -177,3 +177,61 @@ def test_generation_score_needs_one_scorer_per_value(setup):
     _, dm = setup
     with pytest.raises(ValueError, match=r"missing \['harmless'\], unknown \['humor'\]"):
         GenerationScore({"helpful": LengthScorer(), "humor": LengthScorer()}).validate(dm, VALUES)
+
+
+CANDIDATES = [  # zero, inside the simplex, beyond it, negative, one value only
+    {"helpful": 0.0, "harmless": 0.0},
+    {"helpful": 0.3, "harmless": 0.7},
+    {"helpful": 1.5, "harmless": 2.0},
+    {"helpful": -0.5, "harmless": 1.0},
+    {"helpful": 1.0, "harmless": 0.0},
+]
+
+
+def _one_at_a_time(objective, policy, dm):
+    out = []
+    for w in CANDIDATES:
+        with lora.using_weights(policy, w):
+            out.append(objective.score(policy, dm, VALUES))
+    return out
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_implicit_reward_scores_many_candidates_in_one_forward(setup, share_prompt):
+    policy, dm = setup
+    objective = ImplicitReward(beta=0.1, share_prompt=share_prompt, candidates_per_forward=5)
+    single = _one_at_a_time(ImplicitReward(beta=0.1, share_prompt=False), policy, dm)
+    previous = lora.get_weights(policy)
+    calls = []
+    hook = policy.get_base_model().model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        objective.prepare(policy, dm, VALUES)
+        before = len(calls)
+        many = objective.score_many(policy, dm, VALUES, CANDIDATES)
+    finally:
+        hook.remove()
+    assert len(calls) - before == 4  # 2 values x 2 batches, whatever the number of candidates
+    assert [set(r) for r in many] == [set(r) for r in single]
+    for got, want in zip(many, single, strict=True):
+        for k in want:
+            assert got[k] == pytest.approx(want[k], abs=1e-5), k
+    assert many[2]["helpful/margin"] != many[1]["helpful/margin"]  # rows kept apart
+    assert lora.get_weights(policy) == previous  # restored
+
+
+def test_generation_scores_many_candidates_in_one_generate(setup):
+    policy, dm = setup
+    scorers = {"helpful": LengthScorer(), "harmless": LengthScorer()}
+    objective = GenerationScore(scorers, num_prompts=3, max_new_tokens=6, batch_size=2)
+    single = _one_at_a_time(objective, policy, dm)
+    singles_seen = list(scorers["helpful"].seen)
+    scorers["helpful"].seen.clear()
+    many = objective.score_many(policy, dm, VALUES, CANDIDATES)
+    assert many == single
+    ((prompts, responses),) = scorers["helpful"].seen  # one scorer call for all candidates
+    assert responses == [r for _, rs in singles_seen for r in rs]
+    assert len(set(responses)) > 3  # the candidates do generate differently
+    sampled = GenerationScore(scorers, do_sample=True, candidates_per_forward=8)
+    assert sampled.candidates_per_forward == 1  # samples never depend on batch companions
+    with pytest.raises(ValueError, match="candidates_per_forward must be an integer >= 1"):
+        GenerationScore(scorers, candidates_per_forward=0)

@@ -160,6 +160,33 @@ def test_resume_skips_scored_candidates_and_gives_the_same_front(policy, tmp_pat
     assert resumed.hypervolume == full.hypervolume
 
 
+class BatchedTable(TableObjective):
+    """TABLE again, scored ``candidates_per_forward`` at a time; records each batch's size."""
+
+    candidates_per_forward = 4
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def score_many(self, policy, datamodule, values, weights):
+        self.batches.append(len(weights))
+        out = []
+        for w in weights:
+            a, b = TABLE[tuple(round(w[v], 6) + 0.0 for v in VALUES)]
+            out.append({"helpful": a, "harmless": b, "helpful/extra": 10 * a})
+        return out
+
+
+def test_sweep_scores_candidates_in_batches_of_candidates_per_forward(policy, tmp_path):
+    full = _sweep(policy, tmp_path / "one")
+    objective = BatchedTable()
+    batched = _sweep(policy, tmp_path / "batched", objective=objective)
+    assert objective.batches == [4, 2]  # the base and 5 candidates
+    assert batched.scores == full.scores and batched.on_front == full.on_front
+    assert objective.calls == 0  # score() itself never ran
+
+
 @pytest.mark.parametrize(
     ("kw", "error", "message"),
     [
