@@ -5,7 +5,9 @@ pairs / prompts, same objective, one process, alternated over ``--repeats`` roun
 kept: the machine is shared):
 
 - ours: :func:`mva_lightning.extrapolate.extrapolate`, all in (scoring, score cache, Pareto
-  front, front checkpoints, manifest and plot). Switching w = ``lora.set_weights``.
+  front, front checkpoints, manifest and plot), with the objectives' defaults: the adapters
+  stay loaded and ``candidates_per_forward`` (8) preference vectors share one batched forward
+  or one ``generate`` call, each row with its own weights (``lora.using_row_weights``).
 - paper: what the released ``mva.py`` (``evaluate_all_combinations``) does: for every candidate
   and every value ("tag") it reloads the base model from disk, loads value vector 1 with
   ``lora_alpha * w_1`` and ``merge_and_unload``s it, loads value vector 2 with
@@ -33,6 +35,7 @@ import argparse
 import copy
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -236,6 +239,7 @@ def main(argv=None) -> dict:
                 }
             )
     report = {
+        "command": "python experiments/bench_extrapolation.py " + " ".join(argv or sys.argv[1:]),
         "model": args.model,
         "pairs_per_value": args.pairs,
         "prompts": args.prompts,

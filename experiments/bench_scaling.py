@@ -3,15 +3,20 @@
 Each point runs in its own child process (peak RSS per point). Three sweeps:
 
 - ``values``: K = 1..4 value vectors trained by the sequential schedule (one stage per value,
-  HSIC penalty for K >= 2), the same pairs per value. Expected: fit time linear in K.
+  no penalty), the same pairs per value. Expected: fit time linear in K.
+- ``values_hsic``: the same with the HSIC penalty (K >= 2). Stage k also estimates HSIC against
+  each of the k - 1 earlier vectors, so the penalty's share grows with the K (K - 1) / 2 pairs:
+  above linear by that term (the table's expected ratio stays K).
 - ``pairs``: one value, 32 / 64 / 128 training pairs. Expected: fit time linear in pairs.
 - ``candidates``: the extrapolation sweep (:func:`mva_lightning.extrapolate.extrapolate`,
   implicit-reward objective on held-out pairs) over grids of 9 / 25 / 100 preference vectors
   for K = 2. Expected: linear in candidates (+1: the base, w = 0, is always scored).
 
-The table gives, per point, the measured time, its ratio to the sweep's first point and the
-expected ratio. Times are the work itself (``fit_s``: the sum of the stages' ``trainer.fit``;
-``sweep_s``: the scoring loop), not process start-up or model loading, reported apart.
+The table gives, per point, the measured time, its ratio to the sweep's first point, the
+expected ratio and the time per unit (per stage, pair or candidate; flat when cost is linear,
+and robuster than the ratios, which inherit the first point's noise). Times are the work
+itself (``fit_s``: the sum of the stages' ``trainer.fit``; ``sweep_s``: the scoring loop),
+not process start-up or model loading, reported apart.
 
 Usage::
 
@@ -40,9 +45,10 @@ DEFAULT_OUT = HERE / "results" / "bench_scaling.json"
 
 FULL = {
     "values": [1, 2, 3, 4],
+    "values_hsic": [1, 2, 3, 4],
     "pairs": [32, 64, 128],
     "candidates": [3, 5, 10],  # grid points per axis: 9, 25, 100 candidates for K = 2
-    "pairs_per_value": 64,
+    "pairs_per_value": 256,  # stages of a few seconds: sub-second ones vary by 40 %
     "val_pairs": 32,
     "batch": 4,
     "max_length": 96,
@@ -50,6 +56,7 @@ FULL = {
 }
 QUICK = {
     "values": [1, 2],
+    "values_hsic": [2],
     "pairs": [4, 8],
     "candidates": [2, 3],
     "pairs_per_value": 4,
@@ -84,7 +91,7 @@ def overrides(spec: dict, files: list[str]) -> list[str]:
         "logger=csv",
         "callbacks=none",
         "extrapolation=none",
-        "mi=hsic" if len(files) > 1 else "mi=none",
+        "mi=hsic" if spec.get("penalty") and len(files) > 1 else "mi=none",
         f"paths.output_dir={spec['tmp']}/run",
         "data.split.test=0",
         f"data.split.val={spec.get('val_fraction', 0)}",
@@ -178,12 +185,14 @@ def points(size: dict, tmp: Path) -> list[dict]:
     """One child spec per point, with its data files."""
     base = {k: size[k] for k in ("batch", "max_length", "max_prompt_length")}
     specs = []
-    for k in size["values"]:
-        files = [
-            str(write_value_file(tmp / f"v{j}_{k}.jsonl", size["pairs_per_value"], f"v{j}"))
-            for j in range(k)
-        ]
-        specs.append({**base, "sweep": "values", "x": k, "files": files, "expected": k})
+    for sweep in ("values", "values_hsic"):
+        for k in size[sweep]:
+            files = [
+                str(write_value_file(tmp / f"v{j}_{k}.jsonl", size["pairs_per_value"], f"v{j}"))
+                for j in range(k)
+            ]
+            point = {"sweep": sweep, "x": k, "files": files, "expected": k}
+            specs.append({**base, **point, "penalty": sweep == "values_hsic"})
     for n in size["pairs"]:
         files = [str(write_value_file(tmp / f"pairs_{n}.jsonl", n, "v0"))]
         specs.append({**base, "sweep": "pairs", "x": n, "files": files, "expected": n})
@@ -199,7 +208,7 @@ def points(size: dict, tmp: Path) -> list[dict]:
 
 def add_ratios(rows: list[dict]) -> None:
     """Measured time / first point's time, next to the expected ratio, per sweep."""
-    for sweep in ("values", "pairs", "candidates"):
+    for sweep in ("values", "values_hsic", "pairs", "candidates"):
         group = [r for r in rows if r["sweep"] == sweep]
         if not group:
             continue
@@ -210,12 +219,13 @@ def add_ratios(rows: list[dict]) -> None:
             r["measured_ratio"] = r[key] / first[key]
             r["expected_ratio"] = r["expected"] / first["expected"]
             r["ratio_of_ratios"] = r["measured_ratio"] / r["expected_ratio"]
+            r["time_per_unit_s"] = r[key] / r["expected"]  # per stage, pair or candidate
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke size")
-    parser.add_argument("--sweeps", default="values,pairs,candidates")
+    parser.add_argument("--sweeps", default="values,values_hsic,pairs,candidates")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads per child (0: torch's default)"
     )
@@ -254,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         "measured_ratio",
         "expected_ratio",
         "ratio_of_ratios",
+        "time_per_unit_s",
         "peak_rss_mib",
         "process_wall_s",
     ]
@@ -265,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         "size": size,
         "notes": {
             "values": "sequential schedule, one stage per value, fit_s = sum of stage fits",
+            "values_hsic": "the same with HSIC (K >= 2): stage k pays k - 1 estimates",
             "pairs": "one value, fit_s of its single stage",
             "candidates": "extrapolate() over an S x S grid (K = 2); sweep_s = scoring loop, "
             "base w = 0 included (expected ratio uses S^2 + 1)",

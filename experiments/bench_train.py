@@ -51,11 +51,10 @@ LOG_EVERY = 10  # both sides write their metrics every 10 steps
 
 # Our levers: config overrides, each measured on its own against "ours" (all levers at default).
 LEVERS: dict[str, list[str]] = {
-    "ours": [],  # defaults: reference precomputed, head on responses only, share_prompt=auto
+    "ours": [],  # defaults: reference precomputed, head on responses only, packed pairs
     "ours/no-precompute-ref": ["train.precompute_reference=false"],
     "ours/head-on-all-positions": ["train.head_on_response_only=false"],
-    "ours/share-prompt": ["train.share_prompt=true"],  # auto: off on tiny, on on SmolLM2
-    "ours/no-share-prompt": ["train.share_prompt=false"],
+    "ours/no-share-prompt": ["train.share_prompt=false"],  # auto: packed pairs on
     "ours/bucket-by-length": ["data.loader.bucket_by_length=true"],  # changes batch make-up
     "ours/no-logger": ["~logger"],
     "ours/bf16-mixed": ["trainer.precision=bf16-mixed"],  # CPUs with native bf16 (avx512_bf16)
@@ -474,8 +473,15 @@ def checks(results: list[dict]) -> dict[str, Any]:
         "trl_lora_b_zero_init": all(r["lora_b_zero_init"] for r in trl),
         "trl_reference": sorted({r["reference"] for r in trl}),
         "same_lora_a_init": len({round(r["lora_a_checksum"], 6) for r in trl + ours}) == 1,
-        "first_loss_is_ln2": all(abs(r["first_loss"] - ln2) < 1e-4 for r in trl + ours),
+        # bf16 rounds the first loss (about 2e-3 off); fp32 must give ln 2 to 1e-4.
+        "first_loss_is_ln2": all(
+            abs(r["first_loss"] - ln2) < (1e-2 if _is_bf16(r["name"]) else 1e-4) for r in trl + ours
+        ),
     }
+
+
+def _is_bf16(name: str) -> bool:
+    return TRL_CONFIGS.get(name, {}).get("bf16", False) or "bf16" in " ".join(LEVERS.get(name, []))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -43,6 +43,16 @@ def test_training_metrics_are_logged_on_logging_steps_only(toy_data, tmp_path):
     assert len(steps) >= 2 and all((s + 1) % 3 == 0 for s in steps), steps
 
 
+def test_bf16_autocast_with_gradient_clipping(toy_data, tmp_path):
+    """``trainer=gpu``'s precision, on the CPU: clipping works with the shipped optimizer
+    (Lightning's mixed-precision plugin refuses to clip for a fused AdamW, so it is not fused)."""
+    extra = ("extrapolation=none", "trainer.precision=bf16-mixed", "trainer.max_steps=2")
+    cfg = compose(toy_overrides(toy_data, tmp_path / "run", *extra))
+    assert cfg.train.gradient_clip_val > 0
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
 def test_missing_required_key_fails_fast(toy_data, tmp_path):
     overrides = [o for o in toy_overrides(toy_data, tmp_path) if not o.startswith("value=")]
     cfg = compose([*overrides, "value=[helpful,harmless,custom]"])
