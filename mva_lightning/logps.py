@@ -195,9 +195,9 @@ def _packed_pair_logps(
     # A token is predicted at the previous column; the first rejected token at the prompt's end.
     targets = is_chosen | is_rejected
     predictor = torch.where(is_rejected & (j == p + c), p - 1, j - 1)  # (B, L)
-    rows = torch.arange(b, device=device)[:, None].expand_as(targets)
-    logits = head(hidden[rows[targets], predictor[targets]])  # (N, V)
-    seq_index = torch.where(is_chosen, rows, rows + b)[targets]  # chosen -> i, rejected -> B + i
+    pair = torch.arange(b, device=device)[:, None].expand_as(targets)  # (B, L)
+    logits = head(hidden[pair[targets], predictor[targets]])  # (N, V)
+    seq_index = torch.where(is_chosen, pair, pair + b)[targets]  # chosen -> i, rejected -> B + i
     return sum_by_sequence(token_logps(logits, ids[targets]), seq_index, num_seqs)
 
 
