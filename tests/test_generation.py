@@ -97,3 +97,8 @@ def test_long_prompt_keeps_its_end_and_context_overflow_is_an_error(backbone):
     assert generate(backbone.model, tok, []) == []
     # an empty prompt falls back to the bos token instead of crashing
     assert len(generate(backbone.model, tok, [""], max_new_tokens=3)) == 1
+
+
+def test_prompt_weights_must_give_one_weight_per_prompt(backbone):
+    with pytest.raises(ValueError, match=r"expected 5 weights per value, got \{'v': 2\}"):
+        generate(backbone.model, backbone.tokenizer, PROMPTS, prompt_weights={"v": [1.0, 0.5]})

@@ -110,3 +110,10 @@ def test_share_prompt_with_absolute_positions(attention):
     with torch.no_grad():
         plain, packed = response_logps(*args), response_logps(*args, share_prompt=True)
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-4)
+
+
+def test_pair_weights_need_a_chosen_rejected_batch():
+    policy, batch = _policy("sdpa")
+    rows = [t[:5] for t in (batch["input_ids"], batch["attention_mask"], batch["response_mask"])]
+    with pytest.raises(ValueError, match=r"pair_weights needs a \[chosen; rejected\] batch, got 5"):
+        response_logps(policy, *rows, pair_weights={"v": torch.ones(2)})
