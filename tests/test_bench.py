@@ -127,13 +127,13 @@ def _script(name, out, *args):
 @pytest.mark.slow
 def test_bench_train_runs_at_minimal_size(tmp_path):
     pytest.importorskip("trl")
-    configs = "ours,bare/torch-loop,trl/fp32+precompute-ref"
+    configs = "ours,bare/torch-loop,trl/fp32+precompute-ref,trl/fp32+precompute-ref+group-by-length"
     out = tmp_path / "bench_train.json"
     report = _script("bench_train.py", out, "--models", "tiny", "--reps", "1", "--configs", configs)
     tiny = report["models"]["tiny"]
     assert all(tiny["checks"].values()), tiny["checks"]  # same job on both sides
     names = {r["config"] for r in tiny["rows"]}
-    assert names == {"ours", "bare/torch-loop", "trl/fp32+precompute-ref"}
+    assert names == set(configs.split(","))
     assert tiny["headline"]["speedup_vs_best_trl"] > 0
 
 

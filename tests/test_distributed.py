@@ -93,10 +93,23 @@ def test_length_buckets_split_across_devices_like_one_device():
         assert sorted(rank0[2 * step : 2 * step + 2] + rank1[2 * step : 2 * step + 2]) == sorted(
             batch
         )
-    # Within a window the batch lengths are sorted: the longest of a batch never exceeds the
-    # shortest of the next one from the same window by construction.
-    spans = sorted((max(lengths[i] for i in b), min(lengths[i] for i in b)) for b in batches)
-    assert all(hi >= lo for hi, lo in spans)
+
+
+def test_length_buckets_are_runs_of_the_length_order():
+    lengths = [7, 3, 9, 1, 4, 8, 2, 6, 5, 10, 11, 12]
+    by_length = sorted(range(12), key=lambda i: lengths[i])
+    runs = {frozenset(by_length[k : k + 4]) for k in (0, 4, 8)}
+    # One window spanning every example: the batches are consecutive runs of the length order.
+    batches = LengthBucketSampler(lengths, batch_size=4, seed=3, window=3).batches()
+    assert {frozenset(b) for b in batches} == runs
+    # Other seeds shuffle the batches, never their make-up; and every epoch reshuffles.
+    sampler = LengthBucketSampler(lengths, batch_size=4, seed=4, window=3)
+    assert {frozenset(b) for b in sampler.batches()} == runs
+    orders = set()
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        orders.add(tuple(sampler))
+    assert len(orders) > 1
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed"])

@@ -146,3 +146,19 @@ def test_checkpoint_holds_adapters_only(base, tmp_path):
     keys = list(ckpt["state_dict"])
     assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
     assert ckpt["mva"] == {"stage": 0, "values": VALUES, "schedule": "sequential"}
+
+
+def test_training_batches_are_length_buckets_by_default(base):
+    lengths = [3, 30] * 16  # words per response: two clearly separated lengths
+    pairs = [PreferencePair(f"q {i}?", "w " * n, "no") for i, n in enumerate(lengths)]
+    splits = {"helpful": split_pairs(pairs, 0.0, 0.0, 0)}
+    padding = {}
+    for bucket in (True, False):
+        dm = PreferenceDataModule(
+            splits, base.tokenizer, batch_size=4, max_length=256, bucket_by_length=bucket
+        )
+        batches = list(dm.loader("helpful", "train", shuffle=True))
+        padded = sum(int(b["attention_mask"].numel()) for b in batches)
+        padding[bucket] = padded - sum(int(b["attention_mask"].sum()) for b in batches)
+    assert PreferenceDataModule(splits, base.tokenizer).bucket_by_length
+    assert padding[True] < padding[False] / 2

@@ -133,7 +133,8 @@ class PreferenceDataModule(L.LightningDataModule):
         max_length: Longest prompt + response in tokens.
         max_prompt_length: Longest prompt in tokens (keeps the end).
         chat_template: Format prompts with the tokenizer's chat template.
-        bucket_by_length: Group training batches by length to cut padding.
+        bucket_by_length: Batches of similar-length pairs (see :class:`LengthBucketSampler`,
+            like Transformers' ``group_by_length``) to cut padding; ``False``: a plain shuffle.
         seed: Shuffling seed.
         num_workers: DataLoader workers.
     """
@@ -147,7 +148,7 @@ class PreferenceDataModule(L.LightningDataModule):
         max_length: int = 512,
         max_prompt_length: int = 128,
         chat_template: bool = False,
-        bucket_by_length: bool = False,
+        bucket_by_length: bool = True,
         seed: int = 60,
         num_workers: int = 0,
     ) -> None:
