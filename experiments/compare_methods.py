@@ -235,10 +235,10 @@ def compare_seed(
                 compute += sweep_s
             else:
                 run_dir, subdir = root / name, "extrapolation"
-                if not finished(run_dir, overrides):  # a finished run is reused
+                cfg = _compose([*overrides, f"paths.output_dir={run_dir.resolve()}"])
+                if not finished(run_dir, cfg):  # a finished run is reused
                     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run restarts
-                    train(_compose([*overrides, f"paths.output_dir={run_dir}"]))
-                    write_json(run_dir / "compare_overrides.json", overrides)
+                    train(cfg)
                 runs += 1
                 seconds += run_seconds(run_dir)
                 compute += run_seconds(run_dir)
@@ -255,15 +255,18 @@ def compare_seed(
     return {"seed": seed, "values": names, "reference": reference, "compute_s": compute, **out}
 
 
-def finished(run_dir: Path, overrides: list[str]) -> bool:
-    """Whether ``run_dir`` holds a finished run of these overrides (a rerun resumes there)."""
-    if not (run_dir / "extrapolation" / "pareto.json").is_file():
+def finished(run_dir: Path, cfg) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``cfg`` (a rerun resumes there).
+
+    The run's saved, resolved ``config.yaml`` must equal ``cfg`` resolved: a run made with other
+    overrides or under other config defaults is trained again.
+    """
+    from omegaconf import OmegaConf
+
+    saved = run_dir / "config.yaml"
+    if not (run_dir / "extrapolation" / "pareto.json").is_file() or not saved.is_file():
         return False
-    saved = run_dir / "compare_overrides.json"
-    if saved.is_file():
-        return json.loads(saved.read_text()) == overrides
-    write_json(saved, overrides)  # a run finished before this file existed: adopt it
-    return True
+    return OmegaConf.load(saved) == OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def run_seconds(run_dir: Path) -> float:

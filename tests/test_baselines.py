@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import REPO, compose, toy_overrides
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from mva_lightning.baselines import FROZEN_PREFIX, method_inputs
@@ -243,6 +244,11 @@ def test_soup_reuses_the_no_mi_training_with_simplex_candidates(compare, tmp_pat
     assert max(f.stat().st_mtime for f in adapters.rglob("*") if f.is_file()) == mtime
     assert [r["hypervolume_mean"] for r in again] == [r["hypervolume_mean"] for r in rows]
     assert [r["seconds_mean"] for r in again] == [r["seconds_mean"] for r in rows]
+    # ... but not one whose resolved config differs, e.g. made under other config defaults.
+    cfg = OmegaConf.load(pareto_json / "config.yaml")
+    assert compare.finished(pareto_json, cfg)
+    cfg.data.loader.bucket_by_length = not cfg.data.loader.bucket_by_length
+    assert not compare.finished(pareto_json, cfg)
 
 
 def test_values_outside_the_embedded_setting_is_a_clear_error(compare):
