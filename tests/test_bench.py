@@ -147,3 +147,16 @@ def test_bench_scaling_runs_at_minimal_size(tmp_path):
         ("candidates", 9),
     }
     assert all(r["peak_rss_mib"] > 0 and r["time_s"] > 0 for r in report["rows"])
+
+
+@pytest.mark.slow
+def test_bench_extrapolation_runs_at_minimal_size(tmp_path):
+    report = _script("bench_extrapolation.py", tmp_path / "bench_extrapolation.json")
+    rows = {r["objective"]: r for r in report["rows"]}
+    assert set(rows) == {"implicit", "generation"}
+    for r in rows.values():
+        assert r["candidates"] == 4 and r["paper_candidates_timed"] == 2
+        assert r["ratio"] == pytest.approx(r["ours_candidates_per_s"] / r["paper_candidates_per_s"])
+        # The paper path's time per candidate splits into its reloads and its scoring.
+        total = r["paper_reload_s_per_candidate"] + r["paper_scoring_s_per_candidate"]
+        assert total == pytest.approx(1 / r["paper_candidates_per_s"])
