@@ -97,6 +97,8 @@ def overrides(data: Path, out: Path, seed: int, args: argparse.Namespace) -> lis
         ]
     diag = "+callbacks.diagnostics"
     return [
+        "model=tiny",  # the top-level default is SmolLM2 and its chat-formatted data
+        "data=paper",
         "value=[]",
         *values,
         f"paths.output_dir={out}",

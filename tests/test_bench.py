@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from conftest import REPO
+from omegaconf import OmegaConf
 
 EXPERIMENTS = REPO / "experiments"
 LN2 = math.log(2)
@@ -160,3 +161,15 @@ def test_bench_extrapolation_runs_at_minimal_size(tmp_path):
         # The paper path's time per candidate splits into its reloads and its scoring.
         total = r["paper_reload_s_per_candidate"] + r["paper_scoring_s_per_candidate"]
         assert total == pytest.approx(1 / r["paper_candidates_per_s"])
+
+
+@pytest.mark.slow
+def test_decorrelation_study_runs_at_minimal_size(tmp_path):
+    out = tmp_path / "decorrelation_study.json"
+    report = _script("decorrelation_study.py", out, "--workdir", str(tmp_path / "runs"))
+    penalties = {r["penalty"] for r in report["rows"]}
+    assert penalties == set(report["settings"]["penalties"]) | {"(untrained)"}
+    # The tiny model on plain-text toy pairs, whatever the top-level default model is.
+    configs = [OmegaConf.load(p) for p in (tmp_path / "runs").rglob("config.yaml")]
+    assert configs and all(c.model.loader._target_.endswith("tiny_llama") for c in configs)
+    assert not any(c.data.loader.chat_template for c in configs)
