@@ -153,11 +153,9 @@ def paper_sweep(
         groups = [[v] for v in VALUES] if per_value else [VALUES]
         for values in groups:
             model = paper_model(base_dir, adapter_dirs, w, args.device)
-            if not score:
-                pass
-            elif name == "implicit":
+            if score and name == "implicit":
                 paper_implicit(model, refs, 0.1, values)
-            else:
+            elif score:
                 paper_generation(model, tokenizer, prompts, args.new_tokens, values)
             del model
     return time.perf_counter() - start
