@@ -207,12 +207,7 @@ class ImplicitReward(Objective):
         else:  # rows [chosen of w_1..w_C; rejected of w_1..w_C]: pair j = c * B + i
             keys = ("input_ids", "attention_mask", "response_mask")
             stacked = {k: _repeat_pairs(batch[k], c) for k in keys}
-            names = list(dict.fromkeys(n for w in weights for n in w))
-            pair_weights = {
-                n: torch.tensor([float(w.get(n, 0.0)) for w in weights]).repeat_interleave(b)
-                for n in names
-            }
-            logps = self._logps(policy, stacked, pair_weights)
+            logps = self._logps(policy, stacked, lora.stack_weights(weights, b))
         reward = self.beta * (logps.float().view(2, c, b) - ref.view(2, 1, b))
         return reward[0] - reward[1]
 
@@ -371,6 +366,7 @@ class GenerationScore(Objective):
         return self._generate_and_score(policy, datamodule, values, weights)
 
     def _generate_and_score(self, policy, datamodule, values, weights) -> list[dict[str, float]]:
+        from mva_lightning import lora
         from mva_lightning.generation import generate
 
         prompts = self.prompts(datamodule, values)
@@ -378,12 +374,8 @@ class GenerationScore(Objective):
         chat = datamodule.chat_template if self.chat_template is None else self.chat_template
         max_prompt = self.max_prompt_length or datamodule.max_prompt_length
         settings = {**self.generation, "batch_size": self.generation["batch_size"] * c}
-        per_prompt = None
-        if weights is not None:  # prompt block k generates with w_k
-            names = list(dict.fromkeys(v for w in weights for v in w))
-            per_prompt = {
-                v: [float(w.get(v, 0.0)) for w in weights for _ in prompts] for v in names
-            }
+        # Prompt block k generates with w_k.
+        per_prompt = None if weights is None else lora.stack_weights(weights, n)
         responses = generate(
             policy,
             datamodule.tokenizer,

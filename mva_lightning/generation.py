@@ -80,7 +80,7 @@ def generate(
     max_prompt_length: int | None = None,
     seed: int = 0,
     progress: bool = False,
-    prompt_weights: Mapping[str, Sequence[float]] | None = None,
+    prompt_weights: Mapping[str, Sequence[float] | torch.Tensor] | None = None,
 ) -> list[str]:
     """Generate a continuation for every prompt with the model as it is (its current weights).
 

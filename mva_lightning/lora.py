@@ -236,6 +236,26 @@ def using_row_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> 
         set_weights(model, previous)
 
 
+def stack_weights(
+    weights: Sequence[Mapping[str, float]], rows_each: int = 1
+) -> dict[str, torch.Tensor]:
+    """Row weights for :func:`using_row_weights`: preference vector k on ``rows_each`` rows.
+
+    Args:
+        weights: C preference vectors (value name -> w_v; a name left out of one gets 0).
+        rows_each: Consecutive rows per vector.
+
+    Returns:
+        Value name -> (C * rows_each,) weights, rows k * rows_each ... (k + 1) * rows_each - 1
+        holding vector k.
+    """
+    names = list(dict.fromkeys(v for w in weights for v in w))
+    return {
+        v: torch.tensor([float(w.get(v, 0.0)) for w in weights]).repeat_interleave(rows_each)
+        for v in names
+    }
+
+
 def preference_dict(values: Sequence[str], w: Sequence[float]) -> dict[str, float]:
     """Pair a preference vector with value names, checking its length."""
     w = [float(x) for x in w]

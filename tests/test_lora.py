@@ -170,3 +170,9 @@ def test_row_weights_give_each_row_its_own_combination(policy):
         lora.using_row_weights(
             policy, {names[0]: torch.ones(2), names[1]: torch.ones(3)}
         ).__enter__()
+
+
+def test_stack_weights_gives_each_vector_its_block_of_rows():
+    rows = lora.stack_weights([{"helpful": 1.5}, {"helpful": 0.5, "harmless": 2.0}], rows_each=2)
+    assert rows["helpful"].tolist() == [1.5, 1.5, 0.5, 0.5]
+    assert rows["harmless"].tolist() == [0.0, 0.0, 2.0, 2.0]  # left out of vector 1: w = 0
