@@ -164,7 +164,7 @@ class LightningClock(_lightning_callback_base()):
         self.clock.end(tokens, float(loss))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        from mva_lightning import lora
+        from mva_lightning.model import lora
 
         value = pl_module.stage_values[0]
         n = 20

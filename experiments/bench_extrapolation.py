@@ -4,7 +4,7 @@ Same candidates (the paper's grid S^K, S = {0.1, ..., 1.0}), same value vectors,
 pairs / prompts, same objective, one process, alternated over ``--repeats`` rounds (best round
 kept: the machine is shared):
 
-- ours: :func:`mva_lightning.extrapolate.extrapolate`, all in (scoring, score cache, Pareto
+- ours: :func:`mva_lightning.sweep.sweep.extrapolate`, all in (scoring, score cache, Pareto
   front, front checkpoints, manifest and plot), with the objectives' defaults: the adapters
   stay loaded and ``candidates_per_forward`` (8) preference vectors share one batched forward
   or one ``generate`` call, each row with its own weights (``lora.using_row_weights``).
@@ -42,15 +42,15 @@ from pathlib import Path
 
 import torch
 
-from mva_lightning import lora
 from mva_lightning.data.collate import collate_pairs
 from mva_lightning.data.datamodule import PreferenceDataModule
 from mva_lightning.data.sources import PreferencePair, Splits
-from mva_lightning.evaluation import GenerationScore, ImplicitReward
-from mva_lightning.extrapolate import extrapolate
 from mva_lightning.io import write_json
-from mva_lightning.logps import response_logps
-from mva_lightning.pareto import grid_candidates
+from mva_lightning.model import lora
+from mva_lightning.model.logps import response_logps
+from mva_lightning.sweep.objectives import GenerationScore, ImplicitReward
+from mva_lightning.sweep.pareto import grid_candidates
+from mva_lightning.sweep.sweep import extrapolate
 
 VALUES = ["helpful", "harmless"]
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_extrapolation.json"
@@ -66,7 +66,7 @@ class LengthScorer:
 
 
 def load_backbone(name: str):
-    from mva_lightning.models import smollm2, tiny_llama
+    from mva_lightning.model.backbones import smollm2, tiny_llama
 
     return tiny_llama(seed=1) if name == "tiny" else smollm2()
 

@@ -8,7 +8,7 @@ Each point runs in its own child process (peak RSS per point). Three sweeps:
   each of the k - 1 earlier vectors, so the penalty's share grows with the K (K - 1) / 2 pairs:
   above linear by that term (the table's expected ratio stays K).
 - ``pairs``: one value, 32 / 64 / 128 training pairs. Expected: fit time linear in pairs.
-- ``candidates``: the extrapolation sweep (:func:`mva_lightning.extrapolate.extrapolate`,
+- ``candidates``: the extrapolation sweep (:func:`mva_lightning.sweep.sweep.extrapolate`,
   implicit-reward objective on held-out pairs) over grids of 9 / 25 / 100 preference vectors
   for K = 2. Expected: linear in candidates (+1: the base, w = 0, is always scored).
 
@@ -135,8 +135,8 @@ def child_sweep(spec: dict) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from mva_lightning.evaluation import ImplicitReward
-    from mva_lightning.extrapolate import extrapolate
+    from mva_lightning.sweep.objectives import ImplicitReward
+    from mva_lightning.sweep.sweep import extrapolate
     from mva_lightning.train import build, load_value_splits
 
     spec = {**spec, "val_fraction": 0.5}

@@ -121,11 +121,11 @@ WORDS = (
 # --------------------------------------------------------------------------- data
 def load_tokenizer(model: str):
     """The tokenizer of the benchmarked model (SmolLM2 is converted and cached on first use)."""
-    from mva_lightning import models
+    from mva_lightning.model import backbones
 
     if model == "tiny":
-        return models.byte_tokenizer()
-    return models.smollm2().tokenizer
+        return backbones.byte_tokenizer()
+    return backbones.smollm2().tokenizer
 
 
 def make_pairs(tokenizer, n: int, max_length: int, max_prompt_length: int, seed: int) -> list:
@@ -252,10 +252,10 @@ def child_bare(spec: dict) -> dict:
     import torch
     from hydra.utils import instantiate
 
-    from mva_lightning import lora
-    from mva_lightning.logps import response_logps
-    from mva_lightning.losses import dpo_loss, split_chosen_rejected
+    from mva_lightning.model import lora
+    from mva_lightning.model.logps import response_logps
     from mva_lightning.train import build, load_value_splits
+    from mva_lightning.training.losses import dpo_loss, split_chosen_rejected
 
     t_ready = time.perf_counter()
     cfg = our_config(spec)
@@ -302,14 +302,14 @@ def child_trl(spec: dict) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from mva_lightning import models
+    from mva_lightning.model import backbones
 
     t_ready = time.perf_counter()
     clock = bu.StepClock(spec["warmup"])
     if spec["model"] == "tiny":
-        backbone = models.tiny_llama()
+        backbone = backbones.tiny_llama()
     else:
-        backbone = models.smollm2()
+        backbone = backbones.smollm2()
     rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
     if spec["trl"].get("train_sampling_strategy") == "group_by_length":
         for row, ids in zip(rows, our_token_ids(rows, backbone.tokenizer, spec), strict=True):

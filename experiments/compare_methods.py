@@ -67,7 +67,7 @@ MI = {m: "none" for m in METHODS} | {"mva": "hsic", "mva_no_extrapolation": "hsi
 MI["mva_orthogonal"] = "orthogonal"
 SWEEP = [[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]]  # DPO-LW and MODPO: one run per w (K = 2)
 # Methods whose training is another method's, with other candidates: the trained run is reused
-# and only its sweep is rerun (`python -m mva_lightning.extrapolate`) into its own folder.
+# and only its sweep is rerun (`python -m mva_lightning.sweep.sweep`) into its own folder.
 SAME_TRAINING = {"soup": "mva_no_mi", "mva_no_extrapolation": "mva"}
 EMBEDDED_VALUES = ["helpful", "positive"]
 
@@ -279,7 +279,7 @@ def summarise_points(points: list[list[float]], ref: list[float], names: list[st
     """A method's points, its non-dominated front, hypervolume against ``ref`` and best scores."""
     import numpy as np
 
-    from mva_lightning import pareto
+    from mva_lightning.sweep import pareto
 
     arr = np.array(points)
     mask = pareto.pareto_mask(arr)
@@ -299,7 +299,7 @@ def resweep(overrides: list[str], donor_extra: list[str], run_dir: Path, subdir:
     """
     from omegaconf import OmegaConf
 
-    from mva_lightning.extrapolate import main as extrapolate
+    from mva_lightning.sweep.sweep import main as extrapolate
 
     mine = _compose(overrides)
     donor = _compose(
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.setting == "hh_2values" and not HH.is_dir():
         raise SystemExit(f"hh_2values needs the HH-RLHF files in {HH}")
     logging.getLogger("lightning").setLevel(logging.WARNING)
-    from mva_lightning import pareto
+    from mva_lightning.sweep import pareto
 
     work = args.work or REPO / "outputs" / "compare_methods" / args.setting  # gitignored
     if args.only_seeds is not None:

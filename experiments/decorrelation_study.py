@@ -105,7 +105,7 @@ def overrides(data: Path, out: Path, seed: int, args: argparse.Namespace) -> lis
         "logger=csv",
         "callbacks=none",
         "~extrapolation",
-        f"{diag}._target_=mva_lightning.callbacks.diagnostics.InterferenceDiagnostics",
+        f"{diag}._target_=mva_lightning.diagnostics.callback.InterferenceDiagnostics",
         f"{diag}.max_batches={DIAG_BATCHES}",
         f"{diag}.mine_steps={DIAG_STEPS}",
         f"seed={seed}",
@@ -157,14 +157,14 @@ def run_one(name: str, seed: int, data: Path, out: Path, args: argparse.Namespac
 
 def untrained(seed: int, data: Path, out: Path, args: argparse.Namespace) -> dict:
     """The reference row: diagnostics of the freshly initialised vectors (nothing trained)."""
-    from mva_lightning import diagnostics
+    from mva_lightning.diagnostics import interference
     from mva_lightning.train import build, load_value_splits
 
     cfg = compose_cfg(overrides(data, out, seed, args) + PENALTIES["none"])
     _, module, dm = build(cfg, load_value_splits(cfg))
     batches = [b for v in VALUES for b in itertools.islice(dm.loader(v, "val"), DIAG_BATCHES)]
-    proj = diagnostics.base_projections(module.policy, list(VALUES), batches, max_tokens=4096)
-    pair = diagnostics.interference(module.policy, list(VALUES), proj, mine_steps=DIAG_STEPS)[0]
+    proj = interference.base_projections(module.policy, list(VALUES), batches, max_tokens=4096)
+    pair = interference.interference(module.policy, list(VALUES), proj, mine_steps=DIAG_STEPS)[0]
     return {
         "penalty": "(untrained)",
         "seed": seed,

@@ -61,7 +61,7 @@ def cached_features(bt, pairs, key: str):
     import torch
 
     from mva_lightning.io import atomic_path
-    from mva_lightning.models import default_cache_dir
+    from mva_lightning.model.backbones import default_cache_dir
 
     path = default_cache_dir() / "bt_features" / f"{key}.pt"
     if path.is_file():

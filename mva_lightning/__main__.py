@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from mva_lightning.train import train
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Compose the config, train, and return the Pareto hypervolume (for sweepers) if any."""
     metrics = train(cfg)

@@ -68,7 +68,7 @@ def build_policy(cfg, run_dir: str | os.PathLike):
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
-    from mva_lightning import lora
+    from mva_lightning.model import lora
 
     values = run_values(cfg)
     folders = {v: Path(run_dir) / "adapters" / v / "adapter_model.safetensors" for v in values}
@@ -103,7 +103,7 @@ def preference_weights(values: Sequence[str], preference: Preference) -> dict[st
         return {v: float(preference.get(v, 0.0)) for v in values}
     if isinstance(preference, str):
         raise TypeError(f"preference must be a list of floats or a mapping, got {preference!r}")
-    from mva_lightning.lora import preference_dict
+    from mva_lightning.model.lora import preference_dict
 
     return preference_dict(values, list(preference))
 
@@ -126,7 +126,7 @@ def load_policy(run_dir: str | os.PathLike, preference: Preference = None):
         ValueError: A preference list of the wrong length.
         KeyError: A preference naming an unknown value.
     """
-    from mva_lightning import lora
+    from mva_lightning.model import lora
 
     cfg = run_config(run_dir)
     weights = preference_weights(run_values(cfg), preference)  # checked before the model loads
@@ -154,7 +154,7 @@ def export_merged(
     """
     from peft import get_peft_model, set_peft_model_state_dict
 
-    from mva_lightning import lora
+    from mva_lightning.model import lora
 
     cfg = run_config(run_dir)
     weights = preference_weights(run_values(cfg), preference)

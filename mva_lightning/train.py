@@ -96,10 +96,10 @@ def build(cfg: DictConfig, splits: dict[str, Any]):
     """Model, value vectors, data module and LightningModule from the config."""
     from hydra.utils import instantiate
 
-    from mva_lightning import lora
-    from mva_lightning.baselines import load_frozen, method_inputs
     from mva_lightning.data.datamodule import PreferenceDataModule
-    from mva_lightning.module import MVAModule
+    from mva_lightning.model import lora
+    from mva_lightning.training.methods import load_frozen, method_inputs
+    from mva_lightning.training.module import MVAModule
 
     values = list(cfg.value.keys())
     method = method_inputs(values, **OmegaConf.to_container(cfg.get("method") or {}, resolve=True))
@@ -178,8 +178,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from mva_lightning import lora
     from mva_lightning.io import write_json
+    from mva_lightning.model import lora
 
     check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)

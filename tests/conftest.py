@@ -56,7 +56,7 @@ def compose(overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "mva_lightning" / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides or []))
 
 
@@ -80,3 +80,15 @@ def toy_overrides(toy_data: dict[str, Path], out: Path, *extra: str) -> list[str
         "trainer.enable_progress_bar=false",
         *extra,
     ]
+
+
+class TableScorer:
+    """A fake scorer: score = table[response]."""
+
+    name = "table"
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, prompts, responses):
+        return [self.table[r] for r in responses]

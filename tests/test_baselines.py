@@ -1,4 +1,4 @@
-"""Baselines (conf/method/, mva_lightning/baselines.py): configs run, DPO-LW / MODPO identities."""
+"""Baselines (conf/method/, training/methods.py): configs run, DPO-LW / MODPO identities."""
 
 import json
 
@@ -8,10 +8,10 @@ from conftest import REPO, compose, toy_overrides
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from mva_lightning.baselines import FROZEN_PREFIX, method_inputs
-from mva_lightning.losses import dpo_loss, modpo_margin
-from mva_lightning.module import MVAModule
 from mva_lightning.train import train
+from mva_lightning.training.losses import dpo_loss, modpo_margin
+from mva_lightning.training.methods import FROZEN_PREFIX, method_inputs
+from mva_lightning.training.module import MVAModule
 
 METHODS = [
     "mva",
@@ -30,8 +30,8 @@ SHARED = {"dpo", "dpo_lw", "dpo_seqt", "modpo"}
 @pytest.fixture
 def frozen_run(tmp_path):
     """A run folder's ``adapters/`` with a non-zero harmless vector (MODPO's margin source)."""
-    from mva_lightning import lora
-    from mva_lightning.models import tiny_llama
+    from mva_lightning.model import lora
+    from mva_lightning.model.backbones import tiny_llama
 
     cfg = compose(["model=tiny"])
     backbone = tiny_llama(**{k: v for k, v in cfg.model.loader.items() if k != "_target_"})

@@ -89,7 +89,7 @@ def test_summary_takes_medians_and_compares_with_the_best_trl(bench):
 
 
 def test_bench_pairs_fit_the_lengths_and_tokenise_alike(bench):
-    from mva_lightning.models import byte_tokenizer
+    from mva_lightning.model.backbones import byte_tokenizer
 
     _, bt, _ = bench
     tok = byte_tokenizer()

@@ -12,9 +12,10 @@ import torch
 from conftest import compose, toy_overrides
 from safetensors.torch import load_file
 
-from mva_lightning import diagnostics, lora
-from mva_lightning.callbacks.diagnostics import InterferenceDiagnostics, wandb_payload
-from mva_lightning.models import tiny_llama
+from mva_lightning.diagnostics import interference
+from mva_lightning.diagnostics.callback import InterferenceDiagnostics, wandb_payload
+from mva_lightning.model import lora
+from mva_lightning.model.backbones import tiny_llama
 from mva_lightning.train import train
 
 VALUES = ["x", "y", "z"]
@@ -53,7 +54,7 @@ def policy(base):
 
 
 def test_cosine_table_hand_set(policy):
-    pairs = diagnostics.cosine_table(policy, VALUES)
+    pairs = interference.cosine_table(policy, VALUES)
     assert [(p.value_a, p.value_b) for p in pairs] == [("x", "y"), ("x", "z"), ("y", "z")]
     ab, ac, _ = pairs
     assert len(ab.cosine) == 8 and all(not m.startswith("base_model") for m in ab.cosine)
@@ -64,10 +65,10 @@ def test_cosine_table_hand_set(policy):
     assert all(abs(c) < 0.5 for c in others)  # independent random directions
     assert ac.mean_cosine == pytest.approx((-2.0 + sum(others)) / 8, abs=1e-6)
     assert ac.mean_abs_cosine == pytest.approx((2.0 + sum(abs(c) for c in others)) / 8, abs=1e-6)
-    mat = diagnostics.abs_cosine_matrix(pairs, VALUES)
+    mat = interference.abs_cosine_matrix(pairs, VALUES)
     assert mat[0, 1] == mat[1, 0] == pytest.approx(1.0, abs=1e-5) and mat[2, 2] == 1.0
     with pytest.raises(ValueError, match="at least two values"):
-        diagnostics.cosine_table(policy, ["x"])
+        interference.cosine_table(policy, ["x"])
 
 
 def test_base_projections_ignore_adapters_and_padding(policy):
@@ -88,7 +89,7 @@ def test_base_projections_ignore_adapters_and_padding(policy):
         h.remove()
 
     lora.set_weights(policy, {"x": 1.0, "z": -0.5})  # adapters on: must not matter
-    proj = diagnostics.base_projections(policy, VALUES, [batch])
+    proj = interference.base_projections(policy, VALUES, [batch])
     assert lora.get_weights(policy) == {"x": 1.0, "y": 0.0, "z": -0.5}  # restored
     assert set(proj) == set(VALUES) and all(len(p) == 8 for p in proj.values())
     for v in VALUES:
@@ -104,14 +105,14 @@ def test_base_projections_ignore_adapters_and_padding(policy):
     hook.remove()
     assert not torch.allclose(adapted["h"][mask.bool()], hidden[m1][mask.bool()])
 
-    sub = diagnostics.base_projections(policy, VALUES, [batch, batch], max_tokens=5)
+    sub = interference.base_projections(policy, VALUES, [batch, batch], max_tokens=5)
     assert all(t.shape == (5, 4) for p in sub.values() for t in p.values())
     m0 = next(iter(hidden))
     # the same token rows for every value and module: y's A equals x's, so rows match exactly
     assert torch.equal(sub["x"][m0], sub["y"][m0])
     assert all(any(torch.equal(row, full) for full in proj["z"][m0]) for row in sub["z"][m0])
     with pytest.raises(ValueError, match="no batches"):
-        diagnostics.base_projections(policy, VALUES, [])
+        interference.base_projections(policy, VALUES, [])
 
 
 def test_activation_mi_known_answers():
@@ -124,21 +125,21 @@ def test_activation_mi_known_answers():
         q, _ = torch.linalg.qr(torch.randn(64, 8, generator=g))  # orthonormal columns
         scale = 0.01 if m == "v" else 1.0  # standardisation makes the scale irrelevant
         u[m], same[m], indep[m] = h @ q[:, :4], scale * h @ q[:, :4], h @ q[:, 4:]
-    mi_same, per_module = diagnostics.activation_mi(u, same, steps=300)
-    mi_indep, _ = diagnostics.activation_mi(u, indep, steps=300)
+    mi_same, per_module = interference.activation_mi(u, same, steps=300)
+    mi_indep, _ = interference.activation_mi(u, indep, steps=300)
     assert mi_same > 1.0 and per_module == {}
     assert abs(mi_indep) < 0.1, mi_indep
-    _, per_module = diagnostics.activation_mi(u, indep, steps=50, per_module=True)
+    _, per_module = interference.activation_mi(u, indep, steps=50, per_module=True)
     assert set(per_module) == {"q", "v"}
     with pytest.raises(ValueError, match="different modules"):
-        diagnostics.activation_mi({"q": u["q"]}, {"v": u["v"]})
+        interference.activation_mi({"q": u["q"]}, {"v": u["v"]})
 
 
 def test_tables_scalars_and_heatmap(policy, tmp_path):
-    pairs = diagnostics.interference(policy, VALUES, projections=None)
+    pairs = interference.interference(policy, VALUES, projections=None)
     assert all(p.mi is None for p in pairs)
     pairs[0].mi = 0.25
-    rows = diagnostics.table_rows(pairs)
+    rows = interference.table_rows(pairs)
     assert len(rows) == 3 * (8 + 1) and list(rows[0]) == [
         "value_a",
         "value_b",
@@ -147,14 +148,14 @@ def test_tables_scalars_and_heatmap(policy, tmp_path):
         "mi",
     ]
     total = rows[8]
-    assert total["module"] == diagnostics.ALL_MODULES and total["mi"] == 0.25
+    assert total["module"] == interference.ALL_MODULES and total["mi"] == 0.25
     assert total["cosine"] == pytest.approx(pairs[0].mean_cosine)
-    scalars = diagnostics.scalars(pairs)
+    scalars = interference.scalars(pairs)
     assert scalars["diagnostics/cos/x-y"] == pytest.approx(1.0, abs=1e-5)
     assert scalars["diagnostics/mi/x-y"] == 0.25 and "diagnostics/mi/x-z" not in scalars
-    summary = diagnostics.summary(pairs, VALUES)
+    summary = interference.summary(pairs, VALUES)
     assert json.loads(json.dumps(summary))["pairs"][1]["mi"] is None  # strict JSON, no NaN
-    png = diagnostics.plot_heatmap(pairs, VALUES, tmp_path / "d" / "heat.png")
+    png = interference.plot_heatmap(pairs, VALUES, tmp_path / "d" / "heat.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -193,8 +194,8 @@ def test_wandb_gets_a_table_and_an_image(policy, tmp_path):
     import wandb
 
     cb = InterferenceDiagnostics()
-    cb.pairs = diagnostics.interference(policy, VALUES, projections=None)
-    png = diagnostics.plot_heatmap(cb.pairs, VALUES, tmp_path / "h.png")
+    cb.pairs = interference.interference(policy, VALUES, projections=None)
+    png = interference.plot_heatmap(cb.pairs, VALUES, tmp_path / "h.png")
     payload = wandb_payload(cb.pairs, png)
     table = payload["diagnostics/interference"]
     assert isinstance(table, wandb.Table) and len(table.data) == 27
@@ -202,11 +203,11 @@ def test_wandb_gets_a_table_and_an_image(policy, tmp_path):
     assert isinstance(payload["diagnostics/cosine_heatmap"], wandb.Image)
     logger = WandbLogger()
     trainer = SimpleNamespace(loggers=[logger], global_step=7, callback_metrics={})
-    cb._log(trainer, diagnostics.scalars(cb.pairs), png)
+    cb._log(trainer, interference.scalars(cb.pairs), png)
     assert logger.metrics[0][1] == 7 and "diagnostics/cos/x-y" in logger.metrics[0][0]
     assert set(logger.logged[0]) == {"diagnostics/interference", "diagnostics/cosine_heatmap"}
     assert trainer.callback_metrics["diagnostics/cos/y-z"].item() == pytest.approx(
-        diagnostics.scalars(cb.pairs)["diagnostics/cos/y-z"]
+        interference.scalars(cb.pairs)["diagnostics/cos/y-z"]
     )
 
 
@@ -220,7 +221,7 @@ def test_run_writes_diagnostics(toy_data, tmp_path):
     metrics = train(compose(toy_overrides(toy_data, out, *extra)))
     folder = out / "diagnostics"
     rows = list(csv.DictReader((folder / "interference.csv").open()))
-    assert len(rows) == 9 and rows[-1]["module"] == diagnostics.ALL_MODULES
+    assert len(rows) == 9 and rows[-1]["module"] == interference.ALL_MODULES
     summary = json.loads((folder / "interference.json").read_text())
     pair = summary["pairs"][0]
     assert (pair["value_a"], pair["value_b"]) == ("helpful", "harmless")

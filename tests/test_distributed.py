@@ -120,8 +120,8 @@ def test_strategy_configs_compose(name, tmp_path):
 
 
 def test_fsdp_strategy_builds_and_wraps_lora_apart(tmp_path):
-    from mva_lightning import lora
-    from mva_lightning.models import tiny_llama
+    from mva_lightning.model import lora
+    from mva_lightning.model.backbones import tiny_llama
 
     cfg = compose(["model=tiny", "trainer=fsdp", f"paths.output_dir={tmp_path}"])
     strategy = instantiate(cfg.trainer.strategy)

@@ -6,15 +6,15 @@ import math
 import pytest
 import torch
 
-from mva_lightning import lora
 from mva_lightning.data.collate import collate_pairs
 from mva_lightning.data.datamodule import PreferenceDataModule
 from mva_lightning.data.sources import PreferencePair, Splits
-from mva_lightning.evaluation import GenerationScore, ImplicitReward
-from mva_lightning.generation import generate
-from mva_lightning.logps import response_logps
-from mva_lightning.models import tiny_llama
+from mva_lightning.model import lora
+from mva_lightning.model.backbones import tiny_llama
+from mva_lightning.model.generation import generate
+from mva_lightning.model.logps import response_logps
 from mva_lightning.scorers.base import ScorerError
+from mva_lightning.sweep.objectives import GenerationScore, ImplicitReward
 
 VALUES = ["helpful", "harmless"]
 

@@ -49,7 +49,7 @@ def _overrides(name: str, tmp: Path) -> list[str]:
             + three
             + GEN
             + [
-                "scorer@value.humor.source.scorer=sentiment",
+                "scorer@value.humor.scorer=sentiment",
                 f"value.humor.source.source.files=[{humor_file}]",
                 "value.humor.source.source.max_rows=60",
             ]

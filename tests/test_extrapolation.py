@@ -10,10 +10,10 @@ from conftest import compose, toy_overrides
 from peft import PeftModel
 from test_evaluation import VALUES, make_datamodule, make_policy
 
-from mva_lightning import lora
-from mva_lightning.evaluation import ImplicitReward, Objective
-from mva_lightning.extrapolate import ExtrapolationResult, extrapolate, main, w_label
-from mva_lightning.models import tiny_llama
+from mva_lightning.model import lora
+from mva_lightning.model.backbones import tiny_llama
+from mva_lightning.sweep.objectives import ImplicitReward, Objective
+from mva_lightning.sweep.sweep import ExtrapolationResult, extrapolate, main, w_label
 from mva_lightning.train import train
 
 # Hand-made scores: (1, 0), (0, 1) and (0.5, 0.5) are non-dominated, (0.4, 0.4) is dominated by
@@ -277,7 +277,7 @@ def test_callback_sends_metrics_table_plot_and_summary_to_the_loggers(policy, tm
 
     from lightning.pytorch.loggers import WandbLogger
 
-    from mva_lightning.callbacks import ExtrapolationCallback
+    from mva_lightning.sweep import ExtrapolationCallback
 
     class FakeWandb(WandbLogger):  # records calls; never starts wandb
         def __init__(self):

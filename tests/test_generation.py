@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mva_lightning.generation import generate, tokenize_prompts
-from mva_lightning.models import tiny_llama
+from mva_lightning.model.backbones import tiny_llama
+from mva_lightning.model.generation import generate, tokenize_prompts
 
 PROMPTS = [
     "\n\nHuman: Tell me a joke.\n\nAssistant:",

@@ -6,9 +6,9 @@ from conftest import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mva_lightning import lora
 from mva_lightning.io import write_text
 from mva_lightning.loading import export_merged, load_policy, preference_weights, write_adapter
+from mva_lightning.model import lora
 
 VALUES = ["helpful", "harmless"]
 IDS = torch.tensor([[5, 72, 101, 108, 108, 111, 32, 119], [9, 8, 7, 6, 5, 4, 3, 2]])

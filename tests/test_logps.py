@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from mva_lightning import lora, models
 from mva_lightning.data.collate import collate_pairs, tokenize_pair
 from mva_lightning.data.sources import PreferencePair
-from mva_lightning.logps import response_logps, share_prompt_pays
+from mva_lightning.model import backbones, lora
+from mva_lightning.model.logps import response_logps, share_prompt_pays
 
 PAIRS = [  # prompts of different lengths, responses of different lengths
     PreferencePair("Q: hi\nA:", " hello there", " no"),
@@ -16,7 +16,7 @@ PAIRS = [  # prompts of different lengths, responses of different lengths
 
 
 def _policy(attention: str):
-    backbone = models.tiny_llama()
+    backbone = backbones.tiny_llama()
     backbone.model.set_attn_implementation(attention)
     batch = collate_pairs(
         [tokenize_pair(p, i, backbone.tokenizer, 64, 40) for i, p in enumerate(PAIRS)], 0
@@ -73,7 +73,7 @@ def test_share_prompt_falls_back_where_it_does_not_apply():
 
 
 def test_share_prompt_auto_follows_the_attention_implementation():
-    policy = lora.add_value_vectors(models.tiny_llama().model, ["v"])  # PEFT-wrapped
+    policy = lora.add_value_vectors(backbones.tiny_llama().model, ["v"])  # PEFT-wrapped
     assert share_prompt_pays(policy, "auto") is True
     policy.get_base_model().config._attn_implementation = "flash_attention_2"  # no 4D masks
     assert share_prompt_pays(policy, "auto") is False
@@ -86,7 +86,7 @@ def test_share_prompt_auto_follows_the_attention_implementation():
 def test_compiled_decoder_gives_the_eager_log_probs():
     from mva_lightning.train import compile_decoder
 
-    backbone = models.tiny_llama()
+    backbone = backbones.tiny_llama()
     ids = torch.randint(3, 200, (4, 24), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     response = torch.zeros_like(ids)
@@ -104,7 +104,7 @@ def test_share_prompt_with_absolute_positions(attention):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2)).eval()
     model.set_attn_implementation(attention)
-    tok = models.byte_tokenizer()
+    tok = backbones.byte_tokenizer()
     batch = collate_pairs([tokenize_pair(p, i, tok, 64, 40) for i, p in enumerate(PAIRS)], 0)
     args = (model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     with torch.no_grad():

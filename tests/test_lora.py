@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from mva_lightning import lora
 from mva_lightning.data.collate import collate_pairs, tokenize_pair
 from mva_lightning.data.sources import PreferencePair
-from mva_lightning.logps import response_logps
-from mva_lightning.models import tiny_llama
+from mva_lightning.model import lora
+from mva_lightning.model.backbones import tiny_llama
+from mva_lightning.model.logps import response_logps
 
 VALUES = ["helpful", "harmless", "humor"]
 

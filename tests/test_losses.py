@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from mva_lightning.losses import dpo_loss, split_chosen_rejected, sum_by_sequence, token_logps
+from mva_lightning.training.losses import (
+    dpo_loss,
+    split_chosen_rejected,
+    sum_by_sequence,
+    token_logps,
+)
 
 
 def test_dpo_loss_hand_derived():

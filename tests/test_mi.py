@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from mva_lightning.lora import LoraFactors
 from mva_lightning.mi import (
     HSIC,
     MINE,
@@ -24,6 +23,7 @@ from mva_lightning.mi import (
     rbf_kernel,
 )
 from mva_lightning.mi.mine import dv_bound
+from mva_lightning.model.lora import LoraFactors
 
 # ---------------------------------------------------------------- independent NumPy references
 

@@ -7,12 +7,12 @@ import lightning as L
 import pytest
 import torch
 
-from mva_lightning import lora
 from mva_lightning.data.datamodule import PreferenceDataModule
 from mva_lightning.data.sources import PreferencePair, split_pairs
 from mva_lightning.mi import HSIC
-from mva_lightning.models import tiny_llama
-from mva_lightning.module import MVAModule, mi_pairs, stages_for
+from mva_lightning.model import lora
+from mva_lightning.model.backbones import tiny_llama
+from mva_lightning.training.module import MVAModule, mi_pairs, stages_for
 
 VALUES = ["helpful", "harmless"]
 
@@ -118,7 +118,7 @@ def test_reference_after_training_is_still_the_base(base):
     module.precompute_reference = False
     module._reference_cache.clear()
     ref = module.reference_logps(batch)
-    from mva_lightning.logps import response_logps
+    from mva_lightning.model.logps import response_logps
 
     plain = response_logps(
         base.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]

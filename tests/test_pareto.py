@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mva_lightning.pareto import (
+from mva_lightning.sweep.pareto import (
     build_candidates,
     explicit_candidates,
     grid_candidates,

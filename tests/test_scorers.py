@@ -1,4 +1,4 @@
-"""Scorers: orderings on hand-made inputs, the contract checks, Bradley-Terry, relabelling."""
+"""Scorers: orderings on hand-made inputs, the contract checks, Bradley-Terry, HF reward models."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose, shared_file, write_hh_file
+from conftest import TableScorer, compose, shared_file
 
-from mva_lightning.data.sources import DataError, PreferencePair
+from mva_lightning.data.sources import PreferencePair
 from mva_lightning.scorers import (
     BradleyTerry,
     Harmlessness,
@@ -24,8 +24,6 @@ from mva_lightning.scorers import (
     Sentiment,
     check_inputs,
     check_scores,
-    relabel_pairs,
-    relabelled,
     score,
 )
 from mva_lightning.scorers.hf_reward import format_beaver, format_hh
@@ -229,86 +227,6 @@ def test_bradley_terry_minilm_features():
     assert len(bt([WEATHER], [""])) == 1  # the empty response scores, no crash
 
 
-# ----------------------------------------------------------------------------- relabel
-
-
-class TableScorer:
-    """A fake scorer: score = table[response]."""
-
-    name = "table"
-
-    def __init__(self, table):
-        self.table = table
-
-    def __call__(self, prompts, responses):
-        return [self.table[r] for r in responses]
-
-
-def test_relabel_keeps_flips_and_drops_as_hand_computed(caplog):
-    pairs = [
-        PreferencePair("p1", "a", "b"),  # 3 vs 1: gap 2, kept
-        PreferencePair("p2", "c", "d"),  # 1 vs 3: gap -2, flipped
-        PreferencePair("p3", "e", "f"),  # 2 vs 2.05: |gap| 0.05 <= 0.1, dropped
-        PreferencePair("p4", "g", "h"),  # 2.2 vs 2: gap 0.2 > 0.1, kept
-    ]
-    scorer = TableScorer({"a": 3, "b": 1, "c": 1, "d": 3, "e": 2, "f": 2.05, "g": 2.2, "h": 2})
-    with caplog.at_level("INFO", logger="mva_lightning.scorers.relabel"):
-        out = relabel_pairs(pairs, scorer, margin=0.1, chunk_size=3)
-    assert out == [
-        PreferencePair("p1", "a", "b"),
-        PreferencePair("p2", "d", "c"),
-        PreferencePair("p4", "g", "h"),
-    ]
-    assert "2 pairs kept as labelled, 1 flipped, 1 dropped of 4" in caplog.text
-    # margin 0 keeps the near-tie, flipped (2.05 > 2).
-    assert relabel_pairs(pairs[2:3], scorer)[0] == PreferencePair("p3", "f", "e")
-
-
-def test_relabel_errors():
-    pairs = [PreferencePair("p", "a", "b")]
-    with pytest.raises(DataError, match="scorer 'table': no pair out of 1 .* margin=1"):
-        relabel_pairs(pairs, TableScorer({"a": 1.5, "b": 1.0}), margin=1.0)
-    with pytest.raises(ScorerError, match="scorer 'table' returned non-finite"):
-        relabel_pairs(pairs, TableScorer({"a": math.nan, "b": 1.0}))
-
-    class Short(TableScorer):
-        def __call__(self, prompts, responses):
-            return [1.0]
-
-    with pytest.raises(ScorerError, match="scorer 'table' returned 1 scores for 2"):
-        relabel_pairs(pairs, Short({}))
-    with pytest.raises(DataError, match="margin should be >= 0"):
-        relabel_pairs(pairs, TableScorer({}), margin=-1)
-
-
-def test_relabelled_source_from_value_config(tmp_path):
-    """conf/value/humor.yaml with the offline sentiment scorer swapped in, on a toy file."""
-    from mva_lightning.train import load_value_splits
-
-    # The sentiment scorer prefers the "rejected" (positive) side of every toy pair: all flip.
-    data = write_hh_file(tmp_path / "h.jsonl.gz", 20, "This is awful and sad", "What a great day")
-    cfg = compose(
-        [
-            "value=[humor]",
-            "scorer@value.humor.source.scorer=sentiment",
-            f"value.humor.source.source.files=[{data}]",
-            f"paths.output_dir={tmp_path}",
-        ]
-    )
-    splits = load_value_splits(cfg)["humor"]
-    pairs = splits.train + splits.val + splits.test
-    assert len(pairs) == 20
-    assert all(p.chosen == "What a great day" for p in pairs)
-    assert relabelled(lambda: pairs, Sentiment()) == pairs  # already ordered: all kept
-
-
-def test_humor_value_defaults_to_the_hub_classifier():
-    cfg = compose(["value=[humor]"])
-    node = cfg.value.humor.source
-    assert node.scorer.name_or_path == "mohameddhiab/humor-no-humor"
-    assert node.source.data_dir == "helpful-base" and node.source._partial_
-
-
 # ----------------------------------------------------------------------------- HF reward
 
 
@@ -317,7 +235,7 @@ def tiny_rm(tmp_path_factory):
     """A random-init 2-label GPT-2 classifier with a byte tokenizer, saved like a hub model."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from mva_lightning.models import byte_tokenizer
+    from mva_lightning.model.backbones import byte_tokenizer
 
     tok = byte_tokenizer()
     config = GPT2Config(

@@ -2,7 +2,7 @@
 
 Every source returns a list of :class:`PreferencePair` in one transcript format, the one
 HH-RLHF uses: the prompt is a dialogue ending in ``"\\n\\nAssistant:"`` and ``chosen`` /
-``rejected`` are the final assistant turns (METHOD.md section 6). Rows whose responses are
+``rejected`` are the final assistant turns (docs/method.md §6). Rows whose responses are
 empty or identical are dropped and counted (:func:`clean_pairs`); :func:`split_pairs` makes the
 paper's seeded 5 % test / 1 % validation split.
 

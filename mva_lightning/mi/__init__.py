@@ -1,4 +1,4 @@
-"""Mutual-information penalties between value vectors (METHOD.md section 4).
+"""Mutual-information penalties between value vectors (docs/method.md §4).
 
 Each estimator maps paired features ``x[m]``, ``y[m]`` (one tensor per adapted module, built by
 :func:`lora_features` or :func:`activation_features`) to an :class:`MIEstimate`.

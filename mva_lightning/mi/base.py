@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from mva_lightning.lora import LoraFactors
+    from mva_lightning.model.lora import LoraFactors
 
 FEATURES = ("lora_a", "delta_w", "activations")
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from mva_lightning.lora import LoraFactors
+from mva_lightning.model.lora import LoraFactors
 
 WEIGHT_FEATURES = ("lora_a", "delta_w")
 

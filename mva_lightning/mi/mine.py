@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mva_lightning.lora import LoraFactors
 from mva_lightning.mi.base import MIEstimate, MIEstimator, check_pairs
+from mva_lightning.model.lora import LoraFactors
 
 log = logging.getLogger(__name__)
 

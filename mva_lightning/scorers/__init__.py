@@ -6,11 +6,11 @@
 ``Relevance``          MiniLM cosine of question and answer, - a short-answer penalty
 ``Sentiment``          VADER compound sentiment (tone)
 ``BradleyTerry``       a reward head on frozen MiniLM embeddings, trained on a value's pairs
-``relabelled``         a value source whose pairs a scorer re-orders (scorer-labelled values)
 =====================  =====================================================================
 
-Heavy libraries load on first use, so importing this package or building a scorer from a
-config is cheap.
+Scorer-labelled data (pairs ranked or re-ordered by a scorer) lives in
+:mod:`mva_lightning.labelling`. Heavy libraries load on first use, so importing this package or
+building a scorer from a config is cheap.
 """
 
 from mva_lightning.scorers.base import (
@@ -24,7 +24,6 @@ from mva_lightning.scorers.base import (
 from mva_lightning.scorers.bradley_terry import BradleyTerry
 from mva_lightning.scorers.hf_reward import HFRewardModel
 from mva_lightning.scorers.profanity import Harmlessness
-from mva_lightning.scorers.relabel import relabel_pairs, relabelled
 from mva_lightning.scorers.relevance import Relevance
 from mva_lightning.scorers.sentiment import Sentiment
 
@@ -39,7 +38,5 @@ __all__ = [
     "Sentiment",
     "check_inputs",
     "check_scores",
-    "relabel_pairs",
-    "relabelled",
     "score",
 ]

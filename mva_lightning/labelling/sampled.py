@@ -1,0 +1,235 @@
+"""The embedded default data: project prompts, responses sampled from the base model, scorer labels.
+
+When no human labels exist, preference pairs are built the way MODPO / RiC-style work builds
+them: for each prompt, sample several responses from the base model, score each with the value's
+scorer, and keep (highest-scored, lowest-scored) when the gap exceeds a margin. The prompts
+(``assets/prompts.jsonl``: benign requests and sensitive ones that a careful assistant should
+decline) are written for this project.
+
+Sampled responses are cached on disk under a fingerprint of (model, prompts, sampling
+settings), and scores under a fingerprint of (responses, scorer), so the second run skips both.
+The responses are shared by every value: each value only ranks them differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mva_lightning.data.sources import DataError, PreferencePair, read_jsonl
+from mva_lightning.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+def transcript(question: str) -> str:
+    """The HH transcript format every source speaks: ``\\n\\nHuman: q\\n\\nAssistant:``."""
+    return f"\n\nHuman: {question.strip()}\n\nAssistant:"
+
+
+def load_prompts(path: str | None = None, category: str | None = None) -> list[str]:
+    """Project prompts as transcripts (``assets/prompts.jsonl`` unless ``path`` is given).
+
+    Args:
+        path: A JSONL file with a ``prompt`` key per row (and optionally ``category``).
+        category: Keep only rows of this category (``benign`` or ``sensitive``).
+    """
+    if path is None:
+        path = str(resources.files("mva_lightning") / "assets" / "prompts.jsonl")
+    prompts = []
+    for line, row in read_jsonl(path):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise DataError(f"{path}, line {line}: expected a non-empty string under 'prompt'")
+        if category is None or row.get("category") == category:
+            prompts.append(transcript(row["prompt"]))
+    if not prompts:
+        raise DataError(f"{path}: no prompts (category={category!r})")
+    return prompts
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    from mva_lightning.model.backbones import default_cache_dir
+
+    return Path(cache_dir) if cache_dir else default_cache_dir() / "embedded"
+
+
+def sample_responses(
+    model_loader: Mapping[str, Any],
+    prompts: Sequence[str],
+    num_samples: int = 4,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    batch_size: int = 16,
+    chat_template: bool = True,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> list[list[str]]:
+    """``num_samples`` sampled responses per prompt from the base model, cached on disk.
+
+    Args:
+        model_loader: The ``model.loader`` config (a ``_target_`` mapping); the model is only
+            built on a cache miss.
+        prompts: Transcripts.
+        num_samples: Responses per prompt (>= 2).
+        max_new_tokens: Length cap of each response.
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling threshold.
+        batch_size: Prompts per generation batch.
+        chat_template: Wrap prompts in the tokenizer's chat template.
+        seed: Sampling seed.
+        cache_dir: Cache folder (default: ``$MVA_CACHE/embedded``).
+
+    Returns:
+        responses[i][k]: the k-th response to prompt i.
+    """
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2 to form pairs, got {num_samples}")
+    settings = dict(
+        model=dict(model_loader),
+        prompts=list(prompts),
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        chat_template=chat_template,
+        seed=seed,
+    )
+    path = _cache_root(cache_dir) / f"responses-{_fingerprint(settings)}.json"
+    if path.is_file():
+        log.info("sampled responses: cache hit %s", path.name)
+        return json.loads(path.read_text())["responses"]
+
+    from hydra.utils import instantiate
+
+    from mva_lightning.model.generation import generate
+
+    backbone = instantiate(dict(model_loader))
+    backbone.model.eval()
+    flat_prompts = [p for p in prompts for _ in range(num_samples)]
+    flat = generate(
+        backbone.model,
+        backbone.tokenizer,
+        flat_prompts,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        seed=seed,
+        progress=True,
+    )
+    responses = [flat[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+    write_json(path, {"settings": settings, "responses": responses})
+    return responses
+
+
+def score_responses(
+    scorer, prompts: Sequence[str], responses: Sequence[Sequence[str]], cache_dir: str | None
+) -> list[list[float]]:
+    """Scores of every response by one scorer, cached by (responses, scorer name)."""
+    from mva_lightning.scorers.base import check_scores
+
+    key = _fingerprint({"scorer": scorer.name, "prompts": list(prompts), "responses": responses})
+    path = _cache_root(cache_dir) / f"scores-{scorer.name}-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    flat_prompts = [p for p, rs in zip(prompts, responses, strict=True) for _ in rs]
+    flat_responses = [r for rs in responses for r in rs]
+    flat = check_scores(scorer(flat_prompts, flat_responses), len(flat_responses), scorer.name)
+    out, i = [], 0
+    for rs in responses:
+        out.append(flat[i : i + len(rs)])
+        i += len(rs)
+    write_json(path, out)
+    return out
+
+
+def best_worst_pairs(
+    prompts: Sequence[str],
+    responses: Sequence[Sequence[str]],
+    scores: Sequence[Sequence[float]],
+    margin: float,
+) -> list[PreferencePair]:
+    """(highest-scored, lowest-scored) response per prompt, kept when the gap exceeds margin."""
+    pairs = []
+    for prompt, rs, ss in zip(prompts, responses, scores, strict=True):
+        order = sorted(range(len(rs)), key=lambda k: ss[k])  # stable: ties keep sample order
+        lo, hi = order[0], order[-1]
+        if ss[hi] - ss[lo] > margin and rs[hi].strip() != rs[lo].strip():
+            pairs.append(PreferencePair(prompt, rs[hi].strip(), rs[lo].strip()))
+    return pairs
+
+
+def scored_pairs(
+    scorer: Mapping[str, Any],
+    model_loader: Mapping[str, Any],
+    margin: float = 0.05,
+    prompts_file: str | None = None,
+    num_samples: int = 4,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    batch_size: int = 16,
+    chat_template: bool = True,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> list[PreferencePair]:
+    """A value's preference pairs built from sampled responses and the value's scorer.
+
+    A source for ``conf/value/embedded_*.yaml``. Its config node sets ``_recursive_: false`` so
+    that the model is built only on a cache miss; ``scorer`` and ``model_loader`` arrive as
+    ``_target_`` mappings and are instantiated here.
+
+    Args:
+        scorer: The value's scorer config (``_target_`` mapping).
+        model_loader: The base model's loader config.
+        margin: Minimum score gap between chosen and rejected.
+        prompts_file: Prompts JSONL (default: the project's prompts).
+        num_samples: Responses sampled per prompt.
+        max_new_tokens: Length cap of each response.
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling threshold.
+        batch_size: Generation batch size.
+        chat_template: Wrap prompts in the tokenizer's chat template.
+        seed: Sampling seed.
+        cache_dir: Cache folder for responses and scores.
+    """
+    from hydra.utils import instantiate
+
+    prompts = load_prompts(prompts_file)
+    responses = sample_responses(
+        model_loader,
+        prompts,
+        num_samples,
+        max_new_tokens,
+        temperature,
+        top_p,
+        batch_size,
+        chat_template,
+        seed,
+        cache_dir,
+    )
+    value_scorer = instantiate(dict(scorer))
+    scores = score_responses(value_scorer, prompts, responses, cache_dir)
+    pairs = best_worst_pairs(prompts, responses, scores, margin)
+    log.info(
+        "%s: %d pairs from %d prompts (margin %.3g)",
+        value_scorer.name,
+        len(pairs),
+        len(prompts),
+        margin,
+    )
+    if not pairs:
+        raise DataError(f"scorer {value_scorer.name!r}: no pair has a score gap above {margin}")
+    return pairs

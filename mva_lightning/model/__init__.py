@@ -1,0 +1,1 @@
+"""The policy: base models (``backbones``), value vectors (``lora``), log-probs and generation."""

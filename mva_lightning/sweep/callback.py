@@ -1,0 +1,127 @@
+"""The extrapolation callback: after the last stage, sweep preference vectors (no math here).
+
+All the work is :func:`mva_lightning.sweep.sweep.extrapolate`; this class only decides when it
+runs (after the last stage's fit, on global rank zero), where it writes
+(``<default_root_dir>/<output_subdir>``) and where the results go (the trainer's loggers, W&B
+table / image / summary, and ``trainer.callback_metrics`` so that ``train()`` returns them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from mva_lightning.sweep.objectives import Objective
+from mva_lightning.sweep.sweep import ExtrapolationResult, check, extrapolate
+
+
+class ExtrapolationCallback(L.Callback):
+    """Build the Pareto set of preference vectors once the value vectors are trained.
+
+    Args:
+        candidates: ``mode`` (grid | simplex | explicit), ``values`` / ``start`` / ``stop`` /
+            ``step``, ``vectors``, ``include_zero``: see :func:`pareto.build_candidates`.
+        objective: What to maximise per value (:mod:`mva_lightning.sweep.objectives`).
+        reference_point: ``"base"`` (scores of w = 0) or one number per value.
+        save: Checkpoints for the ``"front"`` or ``"all"`` candidates.
+        report_split: Also score the front on this split (``"test"``), or None.
+        output_subdir: Folder under the run dir.
+        progress: Show tqdm bars.
+    """
+
+    def __init__(
+        self,
+        candidates: Mapping[str, Any] | Sequence[Sequence[float]],
+        objective: Objective,
+        reference_point: str | Sequence[float] = "base",
+        save: str = "front",
+        report_split: str | None = "test",
+        output_subdir: str = "extrapolation",
+        progress: bool = True,
+    ) -> None:
+        self.candidates, self.objective = candidates, objective
+        self.reference_point, self.save, self.report_split = reference_point, save, report_split
+        self.output_subdir, self.progress = output_subdir, progress
+        self.result: ExtrapolationResult | None = None
+
+    def out_dir(self, run_dir: str | os.PathLike) -> Path:
+        return Path(run_dir) / self.output_subdir
+
+    def run(
+        self, policy, datamodule, values: Sequence[str], run_dir, adapters=None
+    ) -> ExtrapolationResult:
+        """The sweep over a trained policy, written to ``<run_dir>/<output_subdir>``.
+
+        ``adapters``: what the candidates weight when it is not one adapter per value (a
+        baseline's shared adapter); the scores stay per value.
+        """
+        self.result = extrapolate(
+            policy,
+            datamodule,
+            values,
+            self.candidates,
+            self.objective,
+            self.out_dir(run_dir),
+            reference_point=self.reference_point,
+            save=self.save,
+            report_split=self.report_split,
+            run_dir=run_dir,
+            progress=self.progress,
+            adapters=adapters,
+        )
+        return self.result
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Bad settings fail before training, not after it.
+        check(
+            pl_module.policy,
+            trainer.datamodule,
+            pl_module.values,
+            self.candidates,
+            self.objective,
+            self.reference_point,
+            self.save,
+            self.report_split,
+            _adapters(pl_module),
+        )
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.stage != len(pl_module.stages) - 1 or not trainer.is_global_zero:
+            return
+        result = self.run(
+            pl_module.policy,
+            trainer.datamodule,
+            pl_module.values,
+            trainer.default_root_dir,
+            _adapters(pl_module),
+        )
+        self._log(trainer, result)
+
+    def _log(self, trainer: L.Trainer, result: ExtrapolationResult) -> None:
+        import torch
+        from lightning.pytorch.loggers import WandbLogger
+
+        metrics = result.metrics()
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        plot = self.out_dir(trainer.default_root_dir) / "pareto.png"
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            if isinstance(logger, WandbLogger):
+                rows = result.rows()
+                columns = list(dict.fromkeys(k for row in rows for k in row))
+                data = [[row.get(c) for c in columns] for row in rows]
+                logger.log_table("pareto/table", columns=columns, data=data)
+                if plot.is_file():
+                    logger.log_image("pareto/plot", images=[str(plot)])
+                logger.experiment.summary.update(metrics)
+            logger.save()
+
+
+def _adapters(pl_module: L.LightningModule) -> list[str] | None:
+    # The adapters a candidate w weights: None when they are the values (MVA, SOUP).
+    names = list(getattr(pl_module, "adapter_names", pl_module.values))
+    return names if names != list(pl_module.values) else None

@@ -1,0 +1,429 @@
+"""Objectives that score the policy as it is (its current ``lora.set_weights``) for every value.
+
+An objective is one class with three methods: ``validate`` (cheap checks, before any work),
+``prepare`` (one-time work shared by every candidate, e.g. reference log-probs) and ``score``
+(``{value: score, "value/extra": ...}``, every column maximised), plus ``score_many``, which
+scores several preference vectors at once: both built-in objectives run up to
+``candidates_per_forward`` of them in one batched forward (or one ``generate``), each row with
+its own combination of value vectors (:func:`mva_lightning.model.lora.using_row_weights`). The sweep
+over preference vectors that uses them is :func:`mva_lightning.sweep.sweep.extrapolate`.
+
+- :class:`ImplicitReward` (docs/method.md §5a): on held-out pairs of value v, the DPO implicit reward
+  r = beta * (log pi_w(y|x) - log pi_0(y|x)); score = accuracy P(r_chosen > r_rejected),
+  extra column ``v/margin`` = mean(r_chosen - r_rejected). No generation; the reference
+  log-probs are computed once per (value, split) and reused for every candidate.
+- :class:`GenerationScore` (docs/method.md §5b, the paper's metric): one shared prompt set, one batched
+  generation for a batch of candidates, each value's scorer applied to (prompt, continuation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from mva_lightning.data.collate import collate_pairs
+from mva_lightning.scorers.base import Scorer, ScorerError, check_scores
+
+
+class Objective:
+    """Scores a policy for every value; subclasses override :meth:`score` and the settings."""
+
+    split: str = "val"
+    candidates_per_forward: int = 1
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-able settings that change the scores (part of the result-cache fingerprint)."""
+        return {"objective": type(self).__name__, "split": self.split}
+
+    def validate(self, datamodule, values: Sequence[str]) -> None:
+        """Cheap checks before any work; raise with a clear message."""
+        for v in values:
+            if v not in datamodule.splits:
+                raise KeyError(f"{type(self).__name__}: no data for value {v!r}")
+
+    def data_fingerprint(self, datamodule, values: Sequence[str]) -> str:
+        """A hash of the data this objective reads."""
+        return _hash(
+            [[asdict(p) for p in getattr(datamodule.splits[v], self.split)] for v in values]
+        )
+
+    def prepare(self, policy: nn.Module, datamodule, values: Sequence[str]) -> None:
+        """One-time work before the candidates (default: none)."""
+
+    def score(self, policy: nn.Module, datamodule, values: Sequence[str]) -> dict[str, float]:
+        """Column -> score for the policy's current weights; ``{v}`` for every value v."""
+        raise NotImplementedError
+
+    def score_many(
+        self,
+        policy: nn.Module,
+        datamodule,
+        values: Sequence[str],
+        weights: Sequence[Mapping[str, float]],
+    ) -> list[dict[str, float]]:
+        """:meth:`score` for each preference vector in ``weights`` (value name -> w_v).
+
+        The default sets each in turn; subclasses batch up to ``candidates_per_forward``. The
+        policy's weights are restored after.
+        """
+        from mva_lightning.model import lora
+
+        out = []
+        for w in weights:
+            with lora.using_weights(policy, w):
+                out.append(self.score(policy, datamodule, values))
+        return out
+
+    def for_split(self, split: str) -> Objective:
+        """The same objective on another split (e.g. ``test`` to report the front)."""
+        raise NotImplementedError
+
+
+class ImplicitReward(Objective):
+    """Implicit-reward accuracy and margin of pi_w vs pi_0 on held-out pairs of each value.
+
+    Args:
+        beta: DPO beta (``${train.beta}``).
+        split: Which split's pairs to use (``val`` to select, ``test`` to report).
+        max_pairs: Use only the first this-many pairs of each value (None: all).
+        batch_size: Pairs per forward and candidate (None: the data module's
+            ``eval_batch_size``).
+        head_on_response_only: Run the LM head only on response positions.
+        share_prompt: Each pair as one packed row (:mod:`mva_lightning.model.logps`): True, False or
+            "auto".
+        candidates_per_forward: Preference vectors scored in one forward by
+            :meth:`score_many` (rows and memory grow with it; the scores do not change).
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        split: str = "val",
+        max_pairs: int | None = None,
+        batch_size: int | None = None,
+        head_on_response_only: bool = True,
+        share_prompt: bool | str = "auto",
+        candidates_per_forward: int = 8,
+    ) -> None:
+        if not beta > 0:
+            raise ValueError(f"ImplicitReward: beta must be > 0, got {beta}")
+        if max_pairs is not None and max_pairs < 1:
+            raise ValueError(f"ImplicitReward: max_pairs must be >= 1 or None, got {max_pairs}")
+        _check_candidates_per_forward(type(self).__name__, candidates_per_forward)
+        self.beta, self.split, self.max_pairs = float(beta), split, max_pairs
+        self.batch_size, self.head_on_response_only = batch_size, head_on_response_only
+        self.share_prompt, self.candidates_per_forward = share_prompt, candidates_per_forward
+        # (id(datamodule), value) -> [(batch, reference log-probs (2B,))]
+        self._cache: dict[tuple[int, str], list[tuple[dict, torch.Tensor]]] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "beta": self.beta, "max_pairs": self.max_pairs}
+
+    def for_split(self, split: str) -> ImplicitReward:
+        return ImplicitReward(
+            self.beta,
+            split,
+            self.max_pairs,
+            self.batch_size,
+            self.head_on_response_only,
+            self.share_prompt,
+            self.candidates_per_forward,
+        )
+
+    def validate(self, datamodule, values: Sequence[str]) -> None:
+        super().validate(datamodule, values)
+        empty = [v for v in values if not getattr(datamodule.splits[v], self.split)]
+        if empty:
+            raise ValueError(
+                f"ImplicitReward: values {empty} have no {self.split!r} pairs to score on "
+                f"(raise data.split.{self.split} or choose another split)"
+            )
+
+    def data_fingerprint(self, datamodule, values: Sequence[str]) -> str:
+        pairs = [datamodule.tokenized(v, self.split)[: self.max_pairs] for v in values]
+        return _hash([[asdict(t) for t in p] for p in pairs])
+
+    def prepare(self, policy: nn.Module, datamodule, values: Sequence[str]) -> None:
+        from mva_lightning.model import lora
+
+        size = self.batch_size or datamodule.eval_batch_size
+        pad = datamodule.tokenizer.pad_token_id
+        device = _device(policy)
+        for v in values:
+            key = (id(datamodule), v)
+            if key in self._cache:
+                continue
+            examples = datamodule.tokenized(v, self.split)[: self.max_pairs]
+            entries = []
+            with _eval_mode(policy), torch.no_grad(), lora.using_weights(policy, {}):
+                for start in range(0, len(examples), size):
+                    batch = collate_pairs(examples[start : start + size], pad)
+                    batch = {k: t.to(device) for k, t in batch.items()}
+                    entries.append((batch, self._logps(policy, batch).float()))  # (2B,) pi_0
+            self._cache[key] = entries
+
+    def score(self, policy: nn.Module, datamodule, values: Sequence[str]) -> dict[str, float]:
+        from mva_lightning.model import lora
+
+        return self.score_many(policy, datamodule, values, [lora.get_weights(policy)])[0]
+
+    def score_many(
+        self,
+        policy: nn.Module,
+        datamodule,
+        values: Sequence[str],
+        weights: Sequence[Mapping[str, float]],
+    ) -> list[dict[str, float]]:
+        """Scores of many preference vectors, their pairs stacked into one forward per batch."""
+        self.prepare(policy, datamodule, values)
+        out: list[dict[str, float]] = [{} for _ in weights]
+        with _eval_mode(policy), torch.no_grad():
+            for v in values:
+                margins = [  # (C, B) per batch
+                    self._margins(policy, batch, ref, weights)
+                    for batch, ref in self._cache[(id(datamodule), v)]
+                ]
+                for row, margin in zip(out, torch.cat(margins, dim=1), strict=True):
+                    row[v] = float((margin > 0).float().mean())
+                    row[f"{v}/margin"] = float(margin.mean())
+        return out
+
+    def _margins(self, policy, batch: dict, ref: torch.Tensor, weights) -> torch.Tensor:
+        """(C, B) r_chosen - r_rejected of C preference vectors on one [chosen; rejected] batch."""
+        from mva_lightning.model import lora
+
+        c, b = len(weights), batch["input_ids"].shape[0] // 2
+        if c == 1:
+            with lora.using_weights(policy, weights[0]):
+                logps = self._logps(policy, batch)
+        else:  # rows [chosen of w_1..w_C; rejected of w_1..w_C]: pair j = c * B + i
+            keys = ("input_ids", "attention_mask", "response_mask")
+            stacked = {k: _repeat_pairs(batch[k], c) for k in keys}
+            logps = self._logps(policy, stacked, lora.stack_weights(weights, b))
+        reward = self.beta * (logps.float().view(2, c, b) - ref.view(2, 1, b))
+        return reward[0] - reward[1]
+
+    def _logps(self, policy, batch: dict, pair_weights=None) -> torch.Tensor:
+        from mva_lightning.model.logps import response_logps, share_prompt_pays
+
+        return response_logps(
+            policy,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["response_mask"],
+            self.head_on_response_only,
+            share_prompt=share_prompt_pays(policy, self.share_prompt),
+            pair_weights=pair_weights,
+        )
+
+
+def _repeat_pairs(rows: torch.Tensor, copies: int) -> torch.Tensor:
+    """(2B, T) [chosen; rejected] -> (2CB, T) [chosen x C; rejected x C]."""
+    two_b, width = rows.shape
+    halves = rows.view(2, 1, two_b // 2, width).expand(2, copies, two_b // 2, width)
+    return halves.reshape(2 * copies * (two_b // 2), width)
+
+
+def _check_candidates_per_forward(owner: str, n: int) -> None:
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"{owner}: candidates_per_forward must be an integer >= 1, got {n!r}")
+
+
+class GenerationScore(Objective):
+    """Mean scorer reward of responses generated for a shared set of held-out prompts.
+
+    Prompts: the ``prompts_split`` prompts of every value, in value order, deduplicated, the
+    first ``num_prompts``. Each candidate generates once; value v's scorer sees (prompt,
+    continuation) pairs, never the prompt twice.
+
+    Args:
+        scorers: Value name -> scorer (:class:`mva_lightning.scorers.base.Scorer`); entries that
+            are None (a value this run does not have) are dropped.
+        prompts_split: Split to take prompts from.
+        num_prompts: Size of the prompt set.
+        max_new_tokens: Generation length (paper: 200).
+        do_sample: Sample instead of greedy decoding (seeded).
+        temperature: Sampling temperature.
+        top_p: Nucleus mass.
+        batch_size: Prompts per ``generate`` call.
+        chat_template: Wrap prompts in the chat template (None: as the data module does).
+        max_prompt_length: Prompt tokens kept (None: the data module's ``max_prompt_length``).
+        seed: Sampling seed.
+        candidates_per_forward: Preference vectors generated for in one ``generate`` call by
+            :meth:`score_many` (``batch_size`` prompts each). Greedy decoding only: sampled
+            candidates run one at a time, so that a candidate's samples never depend on which
+            others share its batch.
+    """
+
+    def __init__(
+        self,
+        scorers: Mapping[str, Scorer],
+        prompts_split: str = "val",
+        num_prompts: int = 32,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        batch_size: int = 8,
+        chat_template: bool | None = None,
+        max_prompt_length: int | None = None,
+        seed: int = 0,
+        candidates_per_forward: int = 8,
+    ) -> None:
+        # None: a value the run does not have (a config listing scorers for optional values).
+        scorers = {v: s for v, s in (scorers or {}).items() if s is not None}
+        if not scorers:
+            raise ValueError("GenerationScore: expected one scorer per value, got none")
+        if num_prompts < 1:
+            raise ValueError(f"GenerationScore: num_prompts must be >= 1, got {num_prompts}")
+        _check_candidates_per_forward(type(self).__name__, candidates_per_forward)
+        self.scorers = scorers
+        self._per_forward = candidates_per_forward
+        self.split, self.num_prompts = prompts_split, num_prompts
+        self.generation = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        self.chat_template, self.max_prompt_length = chat_template, max_prompt_length
+
+    @property
+    def candidates_per_forward(self) -> int:
+        return 1 if self.generation["do_sample"] else self._per_forward
+
+    def settings(self) -> dict[str, Any]:
+        names = {v: _scorer_name(s) for v, s in self.scorers.items()}
+        return {
+            **super().settings(),
+            "num_prompts": self.num_prompts,
+            "scorers": names,
+            "chat_template": self.chat_template,
+            "max_prompt_length": self.max_prompt_length,
+            **{k: v for k, v in self.generation.items() if k != "batch_size"},
+        }
+
+    def for_split(self, split: str) -> GenerationScore:
+        kw = {k: v for k, v in self.generation.items()}
+        return GenerationScore(
+            self.scorers,
+            split,
+            self.num_prompts,
+            chat_template=self.chat_template,
+            max_prompt_length=self.max_prompt_length,
+            candidates_per_forward=self._per_forward,
+            **kw,
+        )
+
+    def validate(self, datamodule, values: Sequence[str]) -> None:
+        super().validate(datamodule, values)
+        missing = [v for v in values if v not in self.scorers]
+        unknown = [v for v in self.scorers if v not in values]
+        if missing or unknown:
+            raise ValueError(
+                f"GenerationScore: scorers are needed for exactly the values {list(values)}; "
+                f"missing {missing}, unknown {unknown}"
+            )
+        for v, s in self.scorers.items():
+            if not callable(s):
+                raise TypeError(f"GenerationScore: scorer for {v!r} is not callable: {s!r}")
+        if not self.prompts(datamodule, values):
+            raise ValueError(f"GenerationScore: no {self.split!r} prompts for values {values}")
+
+    def prompts(self, datamodule, values: Sequence[str]) -> list[str]:
+        """The shared prompt set: deduplicated held-out prompts, first ``num_prompts``."""
+        seen = dict.fromkeys(
+            p.prompt for v in values for p in getattr(datamodule.splits[v], self.split)
+        )
+        return list(seen)[: self.num_prompts]
+
+    def data_fingerprint(self, datamodule, values: Sequence[str]) -> str:
+        return _hash(self.prompts(datamodule, values))
+
+    def score(self, policy: nn.Module, datamodule, values: Sequence[str]) -> dict[str, float]:
+        return self._generate_and_score(policy, datamodule, values, None)[0]
+
+    def score_many(
+        self,
+        policy: nn.Module,
+        datamodule,
+        values: Sequence[str],
+        weights: Sequence[Mapping[str, float]],
+    ) -> list[dict[str, float]]:
+        """Scores of many preference vectors: the prompt set once per vector, one ``generate``."""
+        if len(weights) == 1 or self.candidates_per_forward == 1:
+            return super().score_many(policy, datamodule, values, weights)
+        return self._generate_and_score(policy, datamodule, values, weights)
+
+    def _generate_and_score(self, policy, datamodule, values, weights) -> list[dict[str, float]]:
+        from mva_lightning.model import lora
+        from mva_lightning.model.generation import generate
+
+        prompts = self.prompts(datamodule, values)
+        n, c = len(prompts), 1 if weights is None else len(weights)
+        chat = datamodule.chat_template if self.chat_template is None else self.chat_template
+        max_prompt = self.max_prompt_length or datamodule.max_prompt_length
+        settings = {**self.generation, "batch_size": self.generation["batch_size"] * c}
+        # Prompt block k generates with w_k.
+        per_prompt = None if weights is None else lora.stack_weights(weights, n)
+        responses = generate(
+            policy,
+            datamodule.tokenizer,
+            list(prompts) * c,
+            chat_template=chat,
+            max_prompt_length=max_prompt,
+            prompt_weights=per_prompt,
+            **settings,
+        )
+        out: list[dict[str, float]] = [{} for _ in range(c)]
+        for v in values:
+            scorer, name = self.scorers[v], _scorer_name(self.scorers[v])
+            try:  # one call for every candidate's responses
+                raw = scorer(list(prompts) * c, list(responses))
+                scores = check_scores(raw, n * c, name)
+            except ScorerError:
+                raise
+            except Exception as err:
+                raise ScorerError(f"scorer {name!r} (value {v!r}) failed: {err}") from err
+            for k, row in enumerate(out):
+                block = scores[k * n : (k + 1) * n]
+                mean = sum(block) / n
+                row[v] = mean
+                row[f"{v}/std"] = math.sqrt(sum((s - mean) ** 2 for s in block) / n)
+        return out
+
+
+def _scorer_name(scorer) -> str:
+    return str(getattr(scorer, "name", None) or type(scorer).__name__)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    # no dropout while scoring; the previous mode is restored after
+    was_training = module.training
+    if was_training:  # module.train() walks every submodule: skip it when nothing changes
+        module.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            module.train()
+
+
+def _hash(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

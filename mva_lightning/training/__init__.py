@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its stages, reference cache, MI penalty, losses and methods."""
