@@ -135,9 +135,9 @@ def child_sweep(spec: dict) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
+    from mva_lightning.assembly import build, load_value_splits
     from mva_lightning.sweep.objectives import ImplicitReward
     from mva_lightning.sweep.sweep import extrapolate
-    from mva_lightning.train import build, load_value_splits
 
     spec = {**spec, "val_fraction": 0.5}
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -252,9 +252,9 @@ def child_bare(spec: dict) -> dict:
     import torch
     from hydra.utils import instantiate
 
+    from mva_lightning.assembly import build, load_value_splits
     from mva_lightning.model import lora
     from mva_lightning.model.logps import response_logps
-    from mva_lightning.train import build, load_value_splits
     from mva_lightning.training.losses import dpo_loss, split_chosen_rejected
 
     t_ready = time.perf_counter()

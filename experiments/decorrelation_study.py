@@ -157,8 +157,8 @@ def run_one(name: str, seed: int, data: Path, out: Path, args: argparse.Namespac
 
 def untrained(seed: int, data: Path, out: Path, args: argparse.Namespace) -> dict:
     """The reference row: diagnostics of the freshly initialised vectors (nothing trained)."""
+    from mva_lightning.assembly import build, load_value_splits
     from mva_lightning.diagnostics import interference
-    from mva_lightning.train import build, load_value_splits
 
     cfg = compose_cfg(overrides(data, out, seed, args) + PENALTIES["none"])
     _, module, dm = build(cfg, load_value_splits(cfg))

@@ -51,7 +51,7 @@ def test_relabel_errors():
 
 def test_relabelled_source_from_value_config(tmp_path):
     """conf/value/humor.yaml with the offline sentiment scorer swapped in, on a toy file."""
-    from mva_lightning.train import load_value_splits
+    from mva_lightning.assembly import load_value_splits
 
     # The sentiment scorer prefers the "rejected" (positive) side of every toy pair: all flip.
     data = write_hh_file(tmp_path / "h.jsonl.gz", 20, "This is awful and sad", "What a great day")

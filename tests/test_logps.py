@@ -84,7 +84,7 @@ def test_share_prompt_auto_follows_the_attention_implementation():
 
 @pytest.mark.slow
 def test_compiled_decoder_gives_the_eager_log_probs():
-    from mva_lightning.train import compile_decoder
+    from mva_lightning.assembly import compile_decoder
 
     backbone = backbones.tiny_llama()
     ids = torch.randint(3, 200, (4, 24), generator=torch.Generator().manual_seed(0))

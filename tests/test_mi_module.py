@@ -11,12 +11,13 @@ import pytest
 import torch
 from conftest import compose, toy_overrides
 
+from mva_lightning.assembly import ConfigError, build, check_config, load_value_splits
 from mva_lightning.data.datamodule import PreferenceDataModule
 from mva_lightning.data.sources import PreferencePair, split_pairs
 from mva_lightning.mi import HSIC, MINE, Orthogonal
 from mva_lightning.model import lora
 from mva_lightning.model.backbones import tiny_llama
-from mva_lightning.train import ConfigError, build, check_config, load_value_splits, train
+from mva_lightning.train import train
 from mva_lightning.training.module import MVAModule
 
 VALUES = ["helpful", "harmless"]

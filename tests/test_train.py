@@ -8,8 +8,9 @@ from conftest import compose, toy_overrides
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from mva_lightning.assembly import ConfigError
 from mva_lightning.data.sources import DataError
-from mva_lightning.train import ConfigError, train
+from mva_lightning.train import train
 
 
 def test_run_leaves_adapters_config_metrics_and_csv(toy_data, tmp_path):

@@ -526,9 +526,9 @@ def main(argv: Sequence[str] | None = None) -> ExtrapolationResult:
     """
     from hydra.utils import instantiate
 
+    from mva_lightning.assembly import load_value_splits
     from mva_lightning.data.datamodule import PreferenceDataModule
     from mva_lightning.loading import build_policy, run_config, run_values
-    from mva_lightning.train import load_value_splits
 
     args = list(sys.argv[1:] if argv is None else argv)
     run_dirs = [a.partition("=")[2] for a in args if a.startswith("run_dir=")]
