@@ -65,6 +65,9 @@ class MINE(MIEstimator):
         clamp: T outputs are clamped to [-clamp, clamp] (``float("inf")`` disables it).
         head_steps: Updates of T (on the same detached batch) per training step of the value
             vectors, so that the adversary keeps up with them.
+        seed: Seeds the generator of the marginal shuffles (None: the global RNG). A training
+            penalty sets it, so that its shuffles do not depend on how many other draws
+            (e.g. data loader iterators) the global RNG served before.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class MINE(MIEstimator):
         ema_rate: float = 0.01,
         clamp: float = 20.0,
         head_steps: int = 1,
+        seed: int | None = None,
     ) -> None:
         super().__init__(features)
         if dim_x < 1 or dim_y < 1 or hidden < 1:
@@ -98,6 +102,7 @@ class MINE(MIEstimator):
         )
         # moving average of mean exp T_marg; 0 = not yet initialised (the true value is > 0)
         self.register_buffer("ema", torch.zeros(()))
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def check_factors(self, factors: Mapping[str, LoraFactors]) -> None:
         """The pooled features must have the head's widths at every module.
@@ -153,7 +158,10 @@ class MINE(MIEstimator):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """T on joint pairs (u_k, v_k) and marginal pairs (u_k, v_perm(k)); (n,) each."""
         n = u.shape[0]
-        perm = torch.randperm(n, device=u.device)
+        if self.generator is None:
+            perm = torch.randperm(n, device=u.device)
+        else:
+            perm = torch.randperm(n, generator=self.generator).to(u.device)
         joint = torch.cat([u, v], dim=1)  # (n, dim_x + dim_y)
         marg = torch.cat([u, v[perm]], dim=1)  # (n, dim_x + dim_y), v shuffled across rows
         both = torch.cat([joint, marg])  # (2n, dim_x + dim_y): one pass through T
