@@ -48,8 +48,8 @@ from mva_lightning.data.sources import PreferencePair, Splits
 from mva_lightning.io import write_json
 from mva_lightning.model import lora
 from mva_lightning.model.logps import response_logps
+from mva_lightning.sweep.candidates import grid_candidates
 from mva_lightning.sweep.objectives import GenerationScore, ImplicitReward
-from mva_lightning.sweep.pareto import grid_candidates
 from mva_lightning.sweep.sweep import extrapolate
 
 VALUES = ["helpful", "harmless"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -79,6 +80,16 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable key of a JSON-able object (cache keys: scores, labelled responses).
+
+    The first 16 hex digits of the SHA-256 of ``obj`` as JSON, keys sorted, ``str`` for what
+    JSON does not know: equal settings give equal keys across runs and machines.
+    """
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _jsonable(obj: Any) -> Any:

@@ -96,15 +96,13 @@ def preference_weights(values: Sequence[str], preference: Preference) -> dict[st
     """
     if preference is None:
         return dict.fromkeys(values, 1.0)
+    from mva_lightning.model.lora import check_names, preference_dict
+
     if isinstance(preference, Mapping):
-        unknown = [k for k in preference if k not in values]
-        if unknown:
-            raise KeyError(f"preference names {unknown} have no value vector; trained: {values}")
+        check_names(values, preference)
         return {v: float(preference.get(v, 0.0)) for v in values}
     if isinstance(preference, str):
         raise TypeError(f"preference must be a list of floats or a mapping, got {preference!r}")
-    from mva_lightning.model.lora import preference_dict
-
     return preference_dict(values, list(preference))
 
 

@@ -79,6 +79,24 @@ def test_unknown_value_and_wrong_length(policy):
         lora.set_weights(policy, {"funny": 1.0})
     with pytest.raises(ValueError, match="has 2 entries; expected 3"):
         lora.preference_dict(VALUES, [1.0, 2.0])
+    message = r"preference names \['funny'\] have no value vector; trained: \['helpful', "
+    for call in (
+        lambda: lora.check_names(VALUES, ["helpful", "funny"]),
+        lambda: lora.concatenated_adapter(policy, {"funny": 1.0}),
+        lambda: lora.using_row_weights(policy, {"funny": torch.ones(2)}).__enter__(),
+    ):
+        with pytest.raises(KeyError, match=message):
+            call()
+    lora.check_names(VALUES, ["humor"])  # known: no error
+
+
+def test_adapter_fingerprint_follows_the_tensors(policy):
+    key = lora.adapter_fingerprint(policy, ["helpful", "harmless"])
+    assert len(key) == 16 and key == lora.adapter_fingerprint(policy, ["helpful", "harmless"])
+    assert key != lora.adapter_fingerprint(policy, ["helpful"])
+    with torch.no_grad():
+        lora.adapter_parameters(policy, "harmless")[0].add_(1e-3)
+    assert key != lora.adapter_fingerprint(policy, ["helpful", "harmless"])
 
 
 def test_set_trainable_survives_switching(policy):

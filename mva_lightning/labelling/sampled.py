@@ -13,7 +13,6 @@ The responses are shared by every value: each value only ranks them differently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mva_lightning.data.sources import DataError, PreferencePair, read_jsonl
-from mva_lightning.io import write_json
+from mva_lightning.io import fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +49,6 @@ def load_prompts(path: str | None = None, category: str | None = None) -> list[s
     if not prompts:
         raise DataError(f"{path}: no prompts (category={category!r})")
     return prompts
-
-
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _cache_root(cache_dir: str | None) -> Path:
@@ -104,7 +99,7 @@ def sample_responses(
         chat_template=chat_template,
         seed=seed,
     )
-    path = _cache_root(cache_dir) / f"responses-{_fingerprint(settings)}.json"
+    path = _cache_root(cache_dir) / f"responses-{fingerprint(settings)}.json"
     if path.is_file():
         log.info("sampled responses: cache hit %s", path.name)
         return json.loads(path.read_text())["responses"]
@@ -140,7 +135,7 @@ def score_responses(
     """Scores of every response by one scorer, cached by (responses, scorer name)."""
     from mva_lightning.scorers.base import check_scores
 
-    key = _fingerprint({"scorer": scorer.name, "prompts": list(prompts), "responses": responses})
+    key = fingerprint({"scorer": scorer.name, "prompts": list(prompts), "responses": responses})
     path = _cache_root(cache_dir) / f"scores-{scorer.name}-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())

@@ -16,7 +16,7 @@ The same mechanism serves training: value v trains as w = e_v, the reference is 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +145,13 @@ def value_names(model: nn.Module) -> list[str]:
     return list(getattr(model, "peft_config", {}).keys())
 
 
+def check_names(known: Sequence[str], names: Iterable[str]) -> None:
+    """Raise ``KeyError`` naming every entry of ``names`` that is not one of ``known``."""
+    unknown = [v for v in names if v not in known]
+    if unknown:
+        raise KeyError(f"preference names {unknown} have no value vector; trained: {list(known)}")
+
+
 def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
     """Make ``model`` compute W_0 + sum_v w_v delta W_v, exactly.
 
@@ -156,9 +163,7 @@ def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
         weights: Value name -> w_v. Values left out get w_v = 0.
     """
     known = value_names(model)
-    unknown = [v for v in weights if v not in known]
-    if unknown:
-        raise KeyError(f"preference names {unknown} have no value vector; trained: {known}")
+    check_names(known, weights)
     active = [v for v in known if float(weights.get(v, 0.0)) != 0.0]
     for _, layer in lora_layers(model):
         if list(layer.active_adapters) != active:  # switching is the costly part: only if needed
@@ -213,9 +218,7 @@ def using_row_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> 
         ValueError: The tensors are not 1-D of one common length.
     """
     known = value_names(model)
-    unknown = [v for v in weights if v not in known]
-    if unknown:
-        raise KeyError(f"preference names {unknown} have no value vector; trained: {known}")
+    check_names(known, weights)
     sizes = {tuple(t.shape) for t in weights.values()}
     if len(sizes) > 1 or any(len(size) != 1 for size in sizes):
         raise ValueError(f"row weights: expected (N,) tensors of one length, got shapes {sizes}")
@@ -324,6 +327,21 @@ def adapter_state_dict(model: nn.Module, value: str) -> dict[str, torch.Tensor]:
     }
 
 
+def adapter_fingerprint(model: nn.Module, names: Sequence[str]) -> str:
+    """A short key of the named adapters' tensors: 16 hex digits of their SHA-256.
+
+    The sweep's score cache is keyed by it, so retrained value vectors are scored again.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for v in names:
+        for key, t in sorted(adapter_state_dict(model, v).items()):
+            digest.update(key.encode())
+            digest.update(t.float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def load_adapter_state_dict(
     model: nn.Module, value: str, state: Mapping[str, torch.Tensor]
 ) -> None:
@@ -398,9 +416,7 @@ def concatenated_adapter(model: nn.Module, weights: Mapping[str, float]):
     from peft import LoraConfig
 
     values = value_names(model)
-    unknown = [v for v in weights if v not in values]
-    if unknown:
-        raise KeyError(f"preference names {unknown} have no value vector; trained: {values}")
+    check_names(values, weights)
     if not values:
         raise ValueError("concatenated_adapter: the model holds no value vectors")
     configs = [model.peft_config[v] for v in values]
@@ -439,3 +455,34 @@ def concatenated_adapter(model: nn.Module, weights: Mapping[str, float]):
         revision=base.revision,
     )
     return config, state
+
+
+@contextlib.contextmanager
+def capture_inputs(
+    model: nn.Module, record: Callable[[str, torch.Tensor], None], enabled: bool = True
+) -> Iterator[None]:
+    """Call ``record(layer_name, h)`` with the hidden state h entering each LoRA layer.
+
+    The one hook mechanism for what the value vectors see: the MI penalty's activation
+    features (h kept, with its graph) and the diagnostics' projections A_v h (computed inside
+    ``record``, h itself not kept). Hooks are removed on exit.
+
+    Args:
+        model: A model from :func:`add_value_vectors`.
+        record: Called during every forward inside the context, once per LoRA layer, with the
+            layer's qualified name and its input h of shape (rows, tokens, d_in).
+        enabled: ``False`` registers nothing (a no-op context).
+    """
+    handles = []
+    if enabled:
+        for name, layer in lora_layers(model):
+
+            def hook(_module, args, _name=name):
+                record(_name, args[0])
+
+            handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,9 +1,9 @@
-"""The extrapolation callback: after the last stage, sweep preference vectors (no math here).
+"""The extrapolation callback: once training is finished, sweep preference vectors (no math here).
 
 All the work is :func:`mva_lightning.sweep.sweep.extrapolate`; this class only decides when it
-runs (after the last stage's fit, on global rank zero), where it writes
-(``<default_root_dir>/<output_subdir>``) and where the results go (the trainer's loggers, W&B
-table / image / summary, and ``trainer.callback_metrics`` so that ``train()`` returns them).
+runs (once, at the end of fit, when every stage is trained, on global rank zero), where it
+writes (``<default_root_dir>/<output_subdir>``) and where the results go (the trainer's loggers:
+W&B table / image / summary; :meth:`ExtrapolationCallback.metrics` for ``train()``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 
 import lightning as L
 
+from mva_lightning.sweep.manifest import ExtrapolationResult
 from mva_lightning.sweep.objectives import Objective
-from mva_lightning.sweep.sweep import ExtrapolationResult, check, extrapolate
+from mva_lightning.sweep.sweep import check, extrapolate
 
 
 class ExtrapolationCallback(L.Callback):
@@ -24,7 +25,7 @@ class ExtrapolationCallback(L.Callback):
 
     Args:
         candidates: ``mode`` (grid | simplex | explicit), ``values`` / ``start`` / ``stop`` /
-            ``step``, ``vectors``, ``include_zero``: see :func:`pareto.build_candidates`.
+            ``step``, ``vectors``, ``include_zero``: see :func:`candidates.build_candidates`.
         objective: What to maximise per value (:mod:`mva_lightning.sweep.objectives`).
         reference_point: ``"base"`` (scores of w = 0) or one number per value.
         save: Checkpoints for the ``"front"`` or ``"all"`` candidates.
@@ -49,7 +50,12 @@ class ExtrapolationCallback(L.Callback):
         self.result: ExtrapolationResult | None = None
 
     def out_dir(self, run_dir: str | os.PathLike) -> Path:
+        """Where the sweep writes: ``<run_dir>/<output_subdir>``."""
         return Path(run_dir) / self.output_subdir
+
+    def metrics(self) -> dict[str, float]:
+        """The last sweep's ``pareto/*`` metrics (:meth:`ExtrapolationResult.metrics`), or {}."""
+        return self.result.metrics() if self.result is not None else {}
 
     def run(
         self, policy, datamodule, values: Sequence[str], run_dir, adapters=None
@@ -90,7 +96,8 @@ class ExtrapolationCallback(L.Callback):
         )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.stage != len(pl_module.stages) - 1 or not trainer.is_global_zero:
+        # Once: every stage trained (a fit that stopped early did not finish), on rank zero.
+        if not trainer.is_global_zero or not getattr(pl_module, "finished", True):
             return
         result = self.run(
             pl_module.policy,
@@ -102,11 +109,9 @@ class ExtrapolationCallback(L.Callback):
         self._log(trainer, result)
 
     def _log(self, trainer: L.Trainer, result: ExtrapolationResult) -> None:
-        import torch
         from lightning.pytorch.loggers import WandbLogger
 
         metrics = result.metrics()
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         plot = self.out_dir(trainer.default_root_dir) / "pareto.png"
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -5,22 +5,21 @@ An objective is one class with three methods: ``validate`` (cheap checks, before
 (``{value: score, "value/extra": ...}``, every column maximised), plus ``score_many``, which
 scores several preference vectors at once: both built-in objectives run up to
 ``candidates_per_forward`` of them in one batched forward (or one ``generate``), each row with
-its own combination of value vectors (:func:`mva_lightning.model.lora.using_row_weights`). The sweep
-over preference vectors that uses them is :func:`mva_lightning.sweep.sweep.extrapolate`.
+its own combination of value vectors (:func:`mva_lightning.model.lora.using_row_weights`).
+The sweep over preference vectors that uses them is :func:`mva_lightning.sweep.sweep.extrapolate`.
 
-- :class:`ImplicitReward` (docs/method.md §5a): on held-out pairs of value v, the DPO implicit reward
-  r = beta * (log pi_w(y|x) - log pi_0(y|x)); score = accuracy P(r_chosen > r_rejected),
+- :class:`ImplicitReward` (docs/method.md §5a): on held-out pairs of value v, the DPO implicit
+  reward r = beta * (log pi_w(y|x) - log pi_0(y|x)); score = accuracy P(r_chosen > r_rejected),
   extra column ``v/margin`` = mean(r_chosen - r_rejected). No generation; the reference
   log-probs are computed once per (value, split) and reused for every candidate.
-- :class:`GenerationScore` (docs/method.md §5b, the paper's metric): one shared prompt set, one batched
-  generation for a batch of candidates, each value's scorer applied to (prompt, continuation).
+- :class:`GenerationScore` (docs/method.md §5b, the paper's metric): one shared prompt set, one
+  batched generation for a batch of candidates, each value's scorer applied to (prompt,
+  continuation).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
@@ -30,7 +29,9 @@ import torch
 from torch import nn
 
 from mva_lightning.data.collate import collate_pairs
+from mva_lightning.io import fingerprint
 from mva_lightning.scorers.base import Scorer, ScorerError, check_scores
+from mva_lightning.training.reference import PairCache, as_logps, reference_rows
 
 
 class Objective:
@@ -51,7 +52,7 @@ class Objective:
 
     def data_fingerprint(self, datamodule, values: Sequence[str]) -> str:
         """A hash of the data this objective reads."""
-        return _hash(
+        return fingerprint(
             [[asdict(p) for p in getattr(datamodule.splits[v], self.split)] for v in values]
         )
 
@@ -122,7 +123,10 @@ class ImplicitReward(Objective):
         self.batch_size, self.head_on_response_only = batch_size, head_on_response_only
         self.share_prompt, self.candidates_per_forward = share_prompt, candidates_per_forward
         # (id(datamodule), value) -> [(batch, reference log-probs (2B,))]
-        self._cache: dict[tuple[int, str], list[tuple[dict, torch.Tensor]]] = {}
+        # (id(datamodule), value) -> its collated pairs, and their reference log-probs (one
+        # cache class with the training module's: mva_lightning.training.reference)
+        self._batches: dict[tuple[int, str], list[dict]] = {}
+        self._reference = PairCache()
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "beta": self.beta, "max_pairs": self.max_pairs}
@@ -149,7 +153,7 @@ class ImplicitReward(Objective):
 
     def data_fingerprint(self, datamodule, values: Sequence[str]) -> str:
         pairs = [datamodule.tokenized(v, self.split)[: self.max_pairs] for v in values]
-        return _hash([[asdict(t) for t in p] for p in pairs])
+        return fingerprint([[asdict(t) for t in p] for p in pairs])
 
     def prepare(self, policy: nn.Module, datamodule, values: Sequence[str]) -> None:
         from mva_lightning.model import lora
@@ -157,18 +161,22 @@ class ImplicitReward(Objective):
         size = self.batch_size or datamodule.eval_batch_size
         pad = datamodule.tokenizer.pad_token_id
         device = _device(policy)
+
+        def base_rows(batch: dict) -> torch.Tensor:
+            return reference_rows(self._logps(policy, batch))  # (B, 2): chosen, rejected
+
         for v in values:
             key = (id(datamodule), v)
-            if key in self._cache:
+            if key in self._reference:
                 continue
             examples = datamodule.tokenized(v, self.split)[: self.max_pairs]
-            entries = []
+            batches = []
+            for start in range(0, len(examples), size):
+                batch = collate_pairs(examples[start : start + size], pad)
+                batches.append({k: t.to(device) for k, t in batch.items()})
             with _eval_mode(policy), torch.no_grad(), lora.using_weights(policy, {}):
-                for start in range(0, len(examples), size):
-                    batch = collate_pairs(examples[start : start + size], pad)
-                    batch = {k: t.to(device) for k, t in batch.items()}
-                    entries.append((batch, self._logps(policy, batch).float()))  # (2B,) pi_0
-            self._cache[key] = entries
+                self._reference.fill(key, len(examples), batches, base_rows)  # pi_0, (N, 2)
+            self._batches[key] = batches
 
     def score(self, policy: nn.Module, datamodule, values: Sequence[str]) -> dict[str, float]:
         from mva_lightning.model import lora
@@ -187,14 +195,20 @@ class ImplicitReward(Objective):
         out: list[dict[str, float]] = [{} for _ in weights]
         with _eval_mode(policy), torch.no_grad():
             for v in values:
+                key = (id(datamodule), v)
                 margins = [  # (C, B) per batch
-                    self._margins(policy, batch, ref, weights)
-                    for batch, ref in self._cache[(id(datamodule), v)]
+                    self._margins(policy, batch, self._reference_logps(key, batch), weights)
+                    for batch in self._batches[key]
                 ]
                 for row, margin in zip(out, torch.cat(margins, dim=1), strict=True):
                     row[v] = float((margin > 0).float().mean())
                     row[f"{v}/margin"] = float(margin.mean())
         return out
+
+    def _reference_logps(self, key: tuple[int, str], batch: dict) -> torch.Tensor:
+        """(2B,) cached [chosen; rejected] reference log-probs of a batch, on its device."""
+        rows = self._reference.rows(key, batch["index"])
+        return as_logps(rows).to(batch["input_ids"].device)
 
     def _margins(self, policy, batch: dict, ref: torch.Tensor, weights) -> torch.Tensor:
         """(C, B) r_chosen - r_rejected of C preference vectors on one [chosen; rejected] batch."""
@@ -348,7 +362,7 @@ class GenerationScore(Objective):
         return list(seen)[: self.num_prompts]
 
     def data_fingerprint(self, datamodule, values: Sequence[str]) -> str:
-        return _hash(self.prompts(datamodule, values))
+        return fingerprint(self.prompts(datamodule, values))
 
     def score(self, policy: nn.Module, datamodule, values: Sequence[str]) -> dict[str, float]:
         return self._generate_and_score(policy, datamodule, values, None)[0]
@@ -422,8 +436,3 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         if was_training:
             module.train()
-
-
-def _hash(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,54 +1,17 @@
 """Objectives: implicit-reward accuracy and margin (reference once: the base), generation."""
 
-import copy
 import math
 
 import pytest
 import torch
+from conftest import VALUES, make_datamodule, make_policy
 
 from mva_lightning.data.collate import collate_pairs
-from mva_lightning.data.datamodule import PreferenceDataModule
-from mva_lightning.data.sources import PreferencePair, Splits
 from mva_lightning.model import lora
-from mva_lightning.model.backbones import tiny_llama
 from mva_lightning.model.generation import generate
 from mva_lightning.model.logps import response_logps
 from mva_lightning.scorers.base import ScorerError
 from mva_lightning.sweep.objectives import GenerationScore, ImplicitReward
-
-VALUES = ["helpful", "harmless"]
-
-
-def make_policy(values=VALUES, seed=0):
-    """A tiny policy whose value vectors are random (non-zero B): each one moves the model."""
-    backbone = tiny_llama(seed=1)
-    policy = lora.add_value_vectors(copy.deepcopy(backbone.model), values, r=4, lora_alpha=8)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora.lora_layers(policy):
-            for v in values:
-                w = layer.lora_B[v].weight
-                w.copy_(torch.randn(w.shape, generator=gen) * 0.5)
-    return policy.eval(), backbone
-
-
-def _pairs(value, n, offset):
-    good, bad = ("Here is how.", "No.") if value == "helpful" else ("I cannot.", "Sure!")
-    return [
-        PreferencePair(f"\n\nHuman: item {offset + i}?\n\nAssistant:", f" {good} {i}", f" {bad}")
-        for i in range(n)
-    ]
-
-
-def make_datamodule(tokenizer, values=VALUES, n_val=6, n_test=4):
-    """Held-out pairs per value (val prompts shared across values, to test deduplication)."""
-    splits = {
-        v: Splits(train=_pairs(v, 4, 100), val=_pairs(v, n_val, 0), test=_pairs(v, n_test, 50))
-        for v in values
-    }
-    return PreferenceDataModule(
-        splits, tokenizer, eval_batch_size=4, max_length=48, max_prompt_length=24
-    )
 
 
 @pytest.fixture(scope="module")

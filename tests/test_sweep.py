@@ -1,19 +1,34 @@
-"""The extrapolation sweep and callback: front, checkpoints, manifest, resume, bad input, runs."""
+"""The extrapolation sweep, its callback and command: front, checkpoints, manifest, resume, bad
+input, runs, reruns over a finished run."""
 
 import csv
 import json
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, toy_overrides
+from conftest import (
+    REPO,
+    VALUES,
+    compose,
+    make_datamodule,
+    make_policy,
+    toy_overrides,
+    write_hh_file,
+)
+from omegaconf import OmegaConf
 from peft import PeftModel
-from test_evaluation import VALUES, make_datamodule, make_policy
 
 from mva_lightning.model import lora
 from mva_lightning.model.backbones import tiny_llama
+from mva_lightning.sweep.cli import rerun, sweep_settings
+from mva_lightning.sweep.manifest import ExtrapolationResult, read_manifest, w_label
 from mva_lightning.sweep.objectives import ImplicitReward, Objective
-from mva_lightning.sweep.sweep import ExtrapolationResult, extrapolate, main, w_label
+from mva_lightning.sweep.sweep import extrapolate
 from mva_lightning.train import train
 
 # Hand-made scores: (1, 0), (0, 1) and (0.5, 0.5) are non-dominated, (0.4, 0.4) is dominated by
@@ -131,6 +146,10 @@ def test_manifest_round_trips(policy, tmp_path):
     assert result.report[3] == {}  # off the front: not reported
     data = json.loads((tmp_path / "ext" / "pareto.json").read_text())
     assert ExtrapolationResult.from_json(data) == result
+    assert read_manifest(tmp_path / "ext") == read_manifest(tmp_path / "ext" / "pareto.json")
+    assert read_manifest(tmp_path / "ext") == result
+    with pytest.raises(FileNotFoundError, match="no sweep manifest"):
+        read_manifest(tmp_path)
     with open(tmp_path / "ext" / "pareto.csv") as fh:
         rows = list(csv.DictReader(fh))
     parsed = [
@@ -243,33 +262,165 @@ def test_callback_runs_in_fast_dev_run(toy_data, tmp_path):
     assert {"test/helpful", "test/harmless/margin"} <= set(manifest["rows"][0])
 
 
-def test_short_run_logs_and_the_standalone_rerun_skips_everything(toy_data, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished tiny run (its 3 x 3 grid swept, no report split) and train()'s metrics."""
+    root = tmp_path_factory.mktemp("finished")
+    data = {
+        "helpful": write_hh_file(root / "helpful.jsonl.gz", 24, "Here is a full answer", "No."),
+        "harmless": write_hh_file(root / "harmless.jsonl.gz", 24, "I cannot help.", "Sure!"),
+    }
     extra = ["extrapolation.candidates.values=[-0.5,1.0,2.0]", "extrapolation.report_split=null"]
-    metrics = train(compose(toy_overrides(toy_data, out, *extra)))
+    metrics = train(compose(toy_overrides(data, root / "run", *extra)))
+    return root / "run", metrics
+
+
+@pytest.fixture
+def run(finished_run, tmp_path):
+    """A copy of the finished run that a test may sweep into."""
+    return Path(shutil.copytree(finished_run[0], tmp_path / "run"))
+
+
+def _compose_sweep(overrides):
+    """conf/sweep.yaml with overrides, as `python -m mva_lightning.sweep` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "mva_lightning" / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="sweep", overrides=list(overrides))
+
+
+def _rerun(run_dir, *overrides):
+    """What `python -m mva_lightning.sweep run_dir=RUN_DIR OVERRIDES` runs."""
+    cfg = _compose_sweep([f"run_dir={run_dir}", *overrides])
+    return rerun(cfg.run_dir, cfg.get("extrapolation"), cfg.device)
+
+
+def test_short_run_logs_the_front(finished_run):
+    out, metrics = finished_run
     assert metrics["pareto/num_candidates"] == 9 and "pareto/candidates_per_s" in metrics
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["pareto/hypervolume"] == pytest.approx(metrics["pareto/hypervolume"])
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "pareto/hypervolume" in header and "pareto/front_size" in header
-    first = json.loads((out / "extrapolation" / "pareto.json").read_text())
 
-    again = main([f"run_dir={out}", "extrapolation.save=all"])
+
+def test_rerun_with_the_runs_own_settings_scores_nothing_new(run):
+    first = json.loads((run / "extrapolation" / "pareto.json").read_text())
+    checkpoints = sorted(p.name for p in (run / "extrapolation" / "checkpoints").iterdir())
+    again = _rerun(run)
     assert (again.skipped, again.scored) == (10, 0)  # the base + 9, read back from disk
     assert again.on_front == [r["on_front"] for r in first["rows"]]
-    assert again.hypervolume == pytest.approx(first["hypervolume"])
-    assert len(list((out / "extrapolation" / "checkpoints").iterdir())) == 9
+    assert again.hypervolume == first["hypervolume"] and again.rows() == first["rows"]
+    assert sorted(p.name for p in (run / "extrapolation" / "checkpoints").iterdir()) == checkpoints
+    assert read_manifest(run / "extrapolation") == again
 
-    soup = main(
-        [
-            f"run_dir={out}",
-            "extrapolation=simplex",
-            "extrapolation.candidates.step=0.5",
-            "extrapolation.report_split=null",
-        ]
-    )
+
+def test_rerun_with_a_group_replaces_the_runs_settings(run):
+    overrides = ["extrapolation=simplex", "extrapolation.candidates.step=0.5"]
+    cfg = _compose_sweep([f"run_dir={run}", *overrides, "extrapolation.report_split=null"])
+    node = OmegaConf.to_container(cfg.extrapolation)  # unresolved: resolved in the run's config
+    assert node["candidates"]["mode"] == "simplex" and node["objective"]["beta"] == "${train.beta}"
+    soup = rerun(cfg.run_dir, cfg.extrapolation, cfg.device)
     assert soup.weights == [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
     assert (soup.scored, soup.skipped) == (3, 1)  # the base is cached
+    assert soup.objective["beta"] == 0.1  # the run's train.beta
+    reported = _rerun(run, *overrides)  # simplex.yaml's own report_split: test
+    assert reported.report_split == "test" and (reported.scored, reported.skipped) == (0, 4)
+    assert "test/helpful" in reported.base_scores and any(reported.report)
+
+
+def test_rerun_with_a_partial_node_patches_the_runs_settings(run):
+    cfg = _compose_sweep([f"run_dir={run}", "+extrapolation.save=all"])
+    assert OmegaConf.to_container(cfg.extrapolation) == {"save": "all"}
+    again = rerun(cfg.run_dir, cfg.extrapolation, cfg.device)
+    assert (again.skipped, again.scored) == (10, 0)  # the run's candidates and objective
+    assert again.report_split is None  # the run's report_split=null kept
+    assert len(list((run / "extrapolation" / "checkpoints").iterdir())) == 9
+
+
+def test_sweep_settings_replace_patch_or_default():
+    own = {"_target_": "A", "save": "front", "objective": {"_target_": "O", "beta": 0.1}}
+    assert sweep_settings(own, None) == own
+    assert sweep_settings(own, {"_target_": "B"}) == {"_target_": "B"}
+    assert sweep_settings(own, {"save": "all"}) == {**own, "save": "all"}
+    patched = sweep_settings(own, {"objective": {"beta": 0.5}})
+    assert patched["objective"] == {"_target_": "O", "beta": 0.5}
+    other = sweep_settings(own, {"objective": {"_target_": "G", "num_prompts": 4}})
+    assert other["objective"] == {"_target_": "G", "num_prompts": 4}  # another class: replaced
+    grid = sweep_settings(None, None)  # a run trained without a sweep: conf/extrapolation/grid
+    assert grid["_target_"] == "mva_lightning.sweep.ExtrapolationCallback"
+    assert grid["objective"]["beta"] == "${train.beta}"  # resolved later, in the run's config
+    soup = sweep_settings({"candidates": {"mode": "simplex", "step": 0.1}}, None)
+    assert soup["candidates"]["mode"] == "simplex" and soup["candidates"]["start"] == 0.1
+
+
+def test_rerun_names_what_is_missing(run, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no such run folder"):
+        rerun(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/config.yaml: no config.yaml"):
+        rerun(tmp_path / "empty")
+    shutil.rmtree(run / "adapters" / "harmless")
+    with pytest.raises(FileNotFoundError, match=r"value vectors not found: .*adapters/harmless"):
+        rerun(run)
+
+
+def _command(cwd, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "mva_lightning.sweep", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_command_writes_only_into_the_run(run, tmp_path):
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    (run / "extrapolation" / "pareto.json").unlink()
+    before = {p for p in run.rglob("*")}
+    done = _command(cwd, f"run_dir={run}", "+extrapolation.save=all")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pareto/hypervolume=" in done.stdout
+    assert f"manifest: {run / 'extrapolation' / 'pareto.json'}" in done.stdout
+    assert read_manifest(run / "extrapolation").skipped == 10
+    assert list(cwd.iterdir()) == []  # no outputs/, .hydra/ or log file from Hydra
+    new = [p.relative_to(run) for p in run.rglob("*") if p not in before]
+    assert Path("extrapolation/pareto.json") in new  # and checkpoints of the whole grid
+    assert all(p.parts[0] == "extrapolation" for p in new), new
+
+    failed = _command(cwd, f"run_dir={tmp_path / 'nowhere'}")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'nowhere'}: no such run folder; expected a finished training "
+        "run's output folder (config.yaml, adapters/<value>/)"
+    )
+    assert list(cwd.iterdir()) == []
+
+
+def test_callback_runs_once_training_is_finished_on_rank_zero(policy, tmp_path):
+    from types import SimpleNamespace
+
+    from mva_lightning.sweep import ExtrapolationCallback
+
+    def fit_end(finished, rank_zero):
+        callback = ExtrapolationCallback(CANDIDATES, TableObjective(), report_split=None)
+        trainer = SimpleNamespace(
+            is_global_zero=rank_zero,
+            datamodule=None,
+            default_root_dir=str(tmp_path),
+            loggers=[],
+            global_step=0,
+        )
+        module = SimpleNamespace(policy=policy, values=VALUES, finished=finished)
+        callback.on_fit_end(trainer, module)
+        return callback.metrics()
+
+    assert fit_end(finished=False, rank_zero=True) == {}  # stopped before its last stage
+    assert fit_end(finished=True, rank_zero=False) == {}  # another rank
+    assert fit_end(finished=True, rank_zero=True)["pareto/hypervolume"] == pytest.approx(0.52)
 
 
 def test_callback_sends_metrics_table_plot_and_summary_to_the_loggers(policy, tmp_path):
@@ -312,4 +463,6 @@ def test_callback_sends_metrics_table_plot_and_summary_to_the_loggers(policy, tm
     assert len(data) == 5 and data[0][:2] == [1.0, 0.0]
     assert image_key == "pareto/plot" and images == [str(tmp_path / "extrapolation" / "pareto.png")]
     assert logger.run.summary["pareto/front_size"] == 3
-    assert float(trainer.callback_metrics["pareto/hypervolume"]) == pytest.approx(0.52)
+    assert callback.metrics()["pareto/hypervolume"] == pytest.approx(0.52)
+    assert trainer.callback_metrics == {}  # train() reads callback.metrics() instead
+    assert ExtrapolationCallback(CANDIDATES, TableObjective()).metrics() == {}  # not run yet

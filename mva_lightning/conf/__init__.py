@@ -1,0 +1,1 @@
+"""The Hydra configs, inside the package: a module, so ``pkg://mva_lightning.conf`` resolves."""
