@@ -176,10 +176,10 @@ class LightningClock(_lightning_callback_base()):
 
 
 class FitTimer(_lightning_callback_base()):
-    """Lightning callback: wall seconds and steps of each ``trainer.fit`` (one per stage).
+    """Lightning callback: wall seconds and steps of each ``trainer.fit`` (one per run: every
+    stage, the diagnostics and the sweep).
 
-    ``train(cfg)`` builds a fresh instance per stage; they share the class-level lists of the
-    last-created run (``FitTimer.last``).
+    Instances share the class-level lists of the last-created run (``FitTimer.last``).
     """
 
     last: FitTimer | None = None

@@ -15,7 +15,7 @@ Each point runs in its own child process (peak RSS per point). Three sweeps:
 The table gives, per point, the measured time, its ratio to the sweep's first point, the
 expected ratio and the time per unit (per stage, pair or candidate; flat when cost is linear,
 and robuster than the ratios, which inherit the first point's noise). Times are the work
-itself (``fit_s``: the sum of the stages' ``trainer.fit``; ``sweep_s``: the scoring loop),
+itself (``fit_s``: the run's one ``trainer.fit``, every stage; ``sweep_s``: the scoring loop),
 not process start-up or model loading, reported apart.
 
 Usage::
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python experiments/bench_scaling.py " + " ".join(sys.argv[1:]),
         "size": size,
         "notes": {
-            "values": "sequential schedule, one stage per value, fit_s = sum of stage fits",
+            "values": "sequential schedule, one stage per value, fit_s = the one fit of all stages",
             "values_hsic": "the same with HSIC (K >= 2): stage k pays k - 1 estimates",
             "pairs": "one value, fit_s of its single stage",
             "candidates": "extrapolate() over an S x S grid (K = 2); sweep_s = scoring loop, "

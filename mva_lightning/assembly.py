@@ -35,6 +35,7 @@ def check_config(cfg: DictConfig) -> None:
 def _check_mi(cfg: DictConfig) -> None:
     """The MI penalty's settings: alpha >= 0, known features and sigma, two values to compare."""
     from mva_lightning.mi.base import FEATURES
+    from mva_lightning.training.mi_penalty import is_enabled
 
     mi = cfg.get("mi")
     if mi is None:
@@ -52,7 +53,7 @@ def _check_mi(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"mi.estimator.sigma: expected a number > 0 or 'median', got {sigma!r}"
             )
-    if alpha > 0 and not str(est.get("_target_", "")).endswith("NoMI") and len(cfg.value) < 2:
+    if is_enabled(mi.get("estimator"), alpha) and len(cfg.value) < 2:
         raise ConfigError(
             f"mi.alpha > 0 needs at least two values (the penalty is between value vectors), "
             f"but only value={list(cfg.value)} is configured: use mi=none or mi.alpha=0"
@@ -94,6 +95,7 @@ def build(cfg: DictConfig, splits: dict[str, Any]):
 
     from mva_lightning.model import lora
     from mva_lightning.training.methods import load_frozen, method_inputs
+    from mva_lightning.training.mi_penalty import is_enabled
     from mva_lightning.training.module import MVAModule
 
     values = list(cfg.value.keys())
@@ -108,7 +110,10 @@ def build(cfg: DictConfig, splits: dict[str, Any]):
     if cfg.train.separate_reference:
         reference = instantiate(cfg.model.loader).model
     datamodule = build_datamodule(cfg, splits, backbone.tokenizer)
-    estimator = instantiate(cfg.mi.estimator) if cfg.mi.alpha > 0 else None
+    # the one test of "no penalty" (mi=none: no estimator; or alpha 0), before instantiating
+    estimator = (
+        instantiate(cfg.mi.estimator) if is_enabled(cfg.mi.estimator, cfg.mi.alpha) else None
+    )
     module = MVAModule(
         policy,
         values,
@@ -117,6 +122,8 @@ def build(cfg: DictConfig, splits: dict[str, Any]):
         alpha=cfg.mi.alpha,
         mi=estimator,
         schedule=cfg.train.schedule,
+        epochs_per_stage=cfg.trainer.max_epochs,
+        steps_per_stage=cfg.trainer.get("max_steps", -1),
         mi_optimizer=instantiate(cfg.mi.optimizer) if cfg.mi.get("optimizer") else None,
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         reference_model=reference,

@@ -162,11 +162,11 @@ def test_tables_scalars_and_heatmap(policy, tmp_path):
 
 def test_callback_waits_for_the_last_stage(tmp_path):
     cb = InterferenceDiagnostics(dirpath=str(tmp_path / "diag"))
-    module = SimpleNamespace(stage=0, stages=[["x"], ["y"]], values=["x", "y"])
+    module = SimpleNamespace(finished=False, values=["x", "y"])
     trainer = SimpleNamespace(is_global_zero=True)
-    cb.on_fit_end(trainer, module)  # stage 0 of 2: nothing yet (no policy touched either)
-    assert not (tmp_path / "diag").exists()
-    module.stage = 1
+    cb.on_fit_end(trainer, module)  # fit stopped before its last stage: nothing (no policy used)
+    assert not (tmp_path / "diag").exists() and cb.metrics() == {}
+    module.finished = True
     cb.on_fit_end(SimpleNamespace(is_global_zero=False), module)  # not rank zero
     assert not (tmp_path / "diag").exists()
     with pytest.raises(ValueError, match="max_batches"):
@@ -206,7 +206,8 @@ def test_wandb_gets_a_table_and_an_image(policy, tmp_path):
     cb._log(trainer, interference.scalars(cb.pairs), png)
     assert logger.metrics[0][1] == 7 and "diagnostics/cos/x-y" in logger.metrics[0][0]
     assert set(logger.logged[0]) == {"diagnostics/interference", "diagnostics/cosine_heatmap"}
-    assert trainer.callback_metrics["diagnostics/cos/y-z"].item() == pytest.approx(
+    assert trainer.callback_metrics == {}  # results stay on the callback; train() collects them
+    assert cb.metrics()["diagnostics/cos/y-z"] == pytest.approx(
         interference.scalars(cb.pairs)["diagnostics/cos/y-z"]
     )
 

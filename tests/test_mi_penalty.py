@@ -1,4 +1,4 @@
-"""MI penalties inside MVAModule and train(): head checkpointing, gradient routing, numerics,
+"""The MI penalty inside MVAModule and train(): head checkpointing, gradient routing, numerics,
 config validation, and every estimator end to end on the tiny model."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from mva_lightning.mi import HSIC, MINE, Orthogonal
 from mva_lightning.model import lora
 from mva_lightning.model.backbones import tiny_llama
 from mva_lightning.train import train
+from mva_lightning.training.mi_penalty import is_enabled
 from mva_lightning.training.module import MVAModule
 
 VALUES = ["helpful", "harmless"]
@@ -45,7 +46,7 @@ def _pairs(good, bad, n=16):
     ]
 
 
-def _setup(base, mi, alpha=1.0, schedule="sequential", lr=1e-2):
+def _setup(base, mi, alpha=1.0, schedule="sequential", lr=1e-2, steps_per_stage=-1):
     policy = lora.add_value_vectors(copy.deepcopy(base.model), VALUES, r=R, lora_alpha=8)
     splits = {
         "helpful": split_pairs(_pairs("a long helpful answer", "no"), 0.1, 0.1, 0),
@@ -62,58 +63,65 @@ def _setup(base, mi, alpha=1.0, schedule="sequential", lr=1e-2):
         mi=mi,
         schedule=schedule,
         mi_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+        steps_per_stage=steps_per_stage,
     )
     return module, dm
 
 
 def _trainer(**kw):
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=1,
-        limit_val_batches=0,
-        **kw,
-    )
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "max_epochs": 1,
+        "limit_val_batches": 0,
+    }
+    return L.Trainer(**{**defaults, **kw})
 
 
 # ------------------------------------------------------------------- MINE head: save/restore
 
 
 def test_mine_head_is_checkpointed_and_restored(base, tmp_path):
-    module, dm = _setup(base, MINE(R, R, hidden=16, head_steps=2))
-    _trainer(max_steps=2).fit(module, datamodule=dm)  # stage 0: helpful, no pair, no head step
-    head = module.mi_heads[PAIR_KEY]
-    assert head.ema.item() == 0.0
+    module, dm = _setup(base, MINE(R, R, hidden=16, head_steps=2), steps_per_stage=3)
+    head = module.mi_penalty.heads[PAIR_KEY]
     untouched = copy.deepcopy(head.state_dict())
-    module.begin_stage(1)
-    trainer = _trainer(max_steps=3)
-    trainer.fit(module, datamodule=dm)  # stage 1: harmless vs frozen helpful, 3 head steps
+    seen = {}
+
+    class Watch(L.Callback):  # the head when stage 1 (harmless vs frozen helpful) begins
+        def on_train_epoch_start(self, trainer, pl_module):
+            if pl_module.stage == 1:
+                seen.setdefault("ema", head.ema.item())
+
+    trainer = _trainer(callbacks=[Watch()], **module.trainer_limits())
+    trainer.fit(module, datamodule=dm)  # one fit: 3 steps of helpful, then 3 of harmless
+    assert seen["ema"] == 0.0  # stage 0 has no pair: no head step
+    assert module.finished and trainer.global_step == 6
     assert head.ema.item() > 0.0  # the moving average was set by the head steps
     assert not torch.equal(head.net[0].weight, untouched["net.0.weight"])  # the head trained
-    path = tmp_path / "stage1.ckpt"
+    path = tmp_path / "end.ckpt"
     trainer.save_checkpoint(path)
 
     ckpt = torch.load(path, weights_only=False)
-    head_keys = {k for k in ckpt["state_dict"] if k.startswith("mi_heads.")}
-    assert f"mi_heads.{PAIR_KEY}.ema" in head_keys
-    assert f"mi_heads.{PAIR_KEY}.net.0.weight" in head_keys
+    head_keys = {k for k in ckpt["state_dict"] if k.startswith("mi_penalty.heads.")}
+    assert f"mi_penalty.heads.{PAIR_KEY}.ema" in head_keys
+    assert f"mi_penalty.heads.{PAIR_KEY}.net.0.weight" in head_keys
     assert all("lora_" in k or k in head_keys for k in ckpt["state_dict"])  # no base, no copy
     assert len(ckpt["optimizer_states"]) == 2  # policy and head optimizers
     head_state = ckpt["optimizer_states"][1]["state"]
     assert {int(s["step"]) for s in head_state.values()} == {6}  # 3 steps x 2 head updates
     policy_state = ckpt["optimizer_states"][0]["state"]
-    assert {int(s["step"]) for s in policy_state.values()} == {3}
+    assert {int(s["step"]) for s in policy_state.values()} == {3}  # 3 per stage's vector
 
     torch.manual_seed(123)  # a different head init than the trained run had
-    fresh, dm2 = _setup(base, MINE(R, R, hidden=16, head_steps=2))
-    fresh_head = fresh.mi_heads[PAIR_KEY]
+    fresh, dm2 = _setup(base, MINE(R, R, hidden=16, head_steps=2), steps_per_stage=3)
+    fresh_head = fresh.mi_penalty.heads[PAIR_KEY]
     assert not torch.equal(fresh_head.net[0].weight, head.net[0].weight)
-    fresh.begin_stage(1)
-    resumed = _trainer(max_steps=3)  # already at step 3: restores, trains nothing
+    resumed = _trainer(**fresh.trainer_limits())  # already finished: restores, trains nothing
     resumed.fit(fresh, datamodule=dm2, ckpt_path=path)
+    assert fresh.stage == 1 and fresh.finished and resumed.global_step == 6
     for k, v in head.state_dict().items():
         assert torch.equal(fresh_head.state_dict()[k], v), k
     assert fresh_head.ema.item() == head.ema.item()
@@ -145,12 +153,12 @@ def test_penalty_gradient_reaches_only_the_trainable_vector(base, name):
         for f in lora.lora_factors(module.policy, v).values():
             f.B.data.normal_(generator=g)
     batch = next(iter(dm.loader("harmless", "train")))
-    with module.capture_inputs(True) as inputs:
+    with module.capturing_inputs(True) as inputs:
         module.policy_logps({"harmless": 1.0}, batch)
     mask = batch["attention_mask"].bool()
     captured = {"harmless": {m: h[mask] for m, h in inputs.items()}}
     module.policy.zero_grad(set_to_none=True)
-    penalty = module.mi_penalty(captured, train_heads=False)
+    penalty = module.mi_penalty(module.policy, module.stage_pairs, captured, detach_y=True).total
     assert penalty.dim() == 0 and torch.isfinite(penalty) and penalty.requires_grad
     (module.alpha * penalty).backward()
 
@@ -168,7 +176,7 @@ def test_penalty_gradient_reaches_only_the_trainable_vector(base, name):
     else:  # A-only features: B gets nothing from the penalty
         assert all(b is None or not b.any() for b in b_harmless)
     if name == "mine":  # the value vectors' backward leaves the head alone
-        assert all(p.grad is None for p in module.mi_heads[PAIR_KEY].parameters())
+        assert all(p.grad is None for p in module.mi_penalty.heads[PAIR_KEY].parameters())
 
 
 # --------------------------------------------------------------------------------- numerics
@@ -193,7 +201,7 @@ def test_diverging_estimate_is_skipped_with_a_warning(base, name, caplog):
     harmless = [p for n, p in after.items() if ".harmless." in n]
     assert all(torch.isfinite(p).all() for p in harmless)
     if name == "mine":
-        assert all(torch.isfinite(p).all() for p in module.mi_heads[PAIR_KEY].parameters())
+        assert all(torch.isfinite(p).all() for p in module.mi_penalty.heads[PAIR_KEY].parameters())
 
 
 def test_mine_width_mismatch_fails_before_training(base):
@@ -237,10 +245,22 @@ def _overrides(toy_data, out, *extra):
 def test_mine_config_builds_one_head_per_pair(toy_data, tmp_path):
     cfg = compose(toy_overrides(toy_data, tmp_path, "mi=mine"))
     _, module, _ = build(cfg, load_value_splits(cfg))
-    assert list(module.mi_heads) == [PAIR_KEY]
-    head = module.mi_heads[PAIR_KEY]
+    assert list(module.mi_penalty.heads) == [PAIR_KEY]
+    head = module.mi_penalty.heads[PAIR_KEY]
     assert (head.dim_x, head.dim_y, head.features) == (8, 8, "activations")  # r of model=tiny
     assert module.mi_optimizer_factory is not None and module.alpha == cfg.mi.alpha
+
+
+@pytest.mark.parametrize(
+    "extra", [["mi=none"], ["mi.alpha=0"], ["method=soup"], ["mi=mine", "mi.alpha=0"]]
+)
+def test_no_penalty_is_one_thing(toy_data, tmp_path, extra):
+    """mi=none (no estimator) and alpha = 0 build the same module: no penalty object at all."""
+    cfg = compose(toy_overrides(toy_data, tmp_path, *extra))
+    assert not is_enabled(cfg.mi.estimator, cfg.mi.alpha)
+    _, module, _ = build(cfg, load_value_splits(cfg))
+    assert module.mi_penalty is None and module.stage_pairs == []
+    assert module.hparams["mi"] == "none"
 
 
 def test_config_variants_compose(toy_data, tmp_path):
@@ -278,10 +298,10 @@ def test_estimator_runs_end_to_end(toy_data, tmp_path, extra):
     metrics = train(compose(toy_overrides(toy_data, out, *FAST, *extra)))
     assert torch.isfinite(torch.tensor(metrics["train/mi"]))
     assert "train/mi/harmless-helpful" in metrics
-    ckpt = torch.load(out / "checkpoints" / "stage1-harmless" / "last.ckpt", weights_only=False)
-    heads = [k for k in ckpt["state_dict"] if k.startswith("mi_heads.")]
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    heads = [k for k in ckpt["state_dict"] if k.startswith("mi_penalty.heads.")]
     if extra == ["mi=mine"]:
-        assert f"mi_heads.{PAIR_KEY}.ema" in heads and ckpt["state_dict"][heads[0]].numel()
+        assert f"mi_penalty.heads.{PAIR_KEY}.ema" in heads and ckpt["state_dict"][heads[0]].numel()
     else:
         assert not heads
     for v in VALUES:

@@ -12,7 +12,7 @@ from mva_lightning.data.sources import PreferencePair, split_pairs
 from mva_lightning.mi import HSIC
 from mva_lightning.model import lora
 from mva_lightning.model.backbones import tiny_llama
-from mva_lightning.training.module import MVAModule, mi_pairs, stages_for
+from mva_lightning.training.module import MVAModule
 
 VALUES = ["helpful", "harmless"]
 
@@ -50,23 +50,16 @@ def _setup(base, schedule="sequential", alpha=0.0, mi=None, lr=1e-2):
 
 def _trainer(**kw):
     return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=1,
-        **kw,
+        **{
+            "accelerator": "cpu",
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "max_epochs": 1,
+            **kw,
+        }
     )
-
-
-def test_schedule_stages_and_pairs():
-    assert stages_for(["a", "b", "c"], "sequential") == [["a"], ["b"], ["c"]]
-    assert stages_for(["a", "b", "c"], "joint") == [["a", "b", "c"]]
-    assert mi_pairs(["a", "b", "c"], ["c"]) == [("c", "a"), ("c", "b")]
-    assert mi_pairs(["a", "b", "c"], ["a", "b", "c"]) == [("a", "b"), ("a", "c"), ("b", "c")]
-    with pytest.raises(ValueError, match="train.schedule"):
-        stages_for(["a"], "zigzag")
 
 
 def test_step0_loss_is_ln2_and_rewards_zero(base):
@@ -84,20 +77,54 @@ def _snapshot(module):
     return {n: p.detach().clone() for n, p in module.policy.named_parameters()}
 
 
-def test_sequential_stage_changes_only_the_active_vector(base):
+class _StageSnapshots(L.Callback):
+    """The policy's tensors when each stage begins and when training ends."""
+
+    def __init__(self):
+        self.snaps, self.fits = {}, 0
+
+    def on_fit_start(self, trainer, pl_module):
+        self.fits += 1
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.snaps.setdefault(pl_module.stage, _snapshot(pl_module))
+
+    def on_train_end(self, trainer, pl_module):
+        self.snaps["end"] = _snapshot(pl_module)
+
+
+def test_one_fit_trains_the_stages_in_turn_each_changing_only_its_vector(base):
     module, dm = _setup(base, alpha=1.0, mi=HSIC(features="lora_a"))
-    module.begin_stage(0)
-    _trainer(max_steps=2).fit(module, datamodule=dm)
-    module.begin_stage(1)
-    before = _snapshot(module)
-    _trainer(max_steps=3).fit(module, datamodule=dm)
-    after = _snapshot(module)
-    changed = {n for n in before if not torch.equal(before[n], after[n])}
-    harmless = {n for n in before if ".harmless." in n}
-    # every harmless tensor that gets gradient (B, and A through B != 0) changed; nothing else did
-    assert changed and changed <= harmless
-    assert {n for n in harmless if "lora_B" in n} <= changed
-    assert not any(".helpful." in n or "lora_" not in n for n in changed)
+    snaps = _StageSnapshots()
+    limits = module.trainer_limits()
+    assert limits == {"max_epochs": 2, "max_steps": -1}  # one epoch per stage, two stages
+    _trainer(callbacks=[snaps], **limits).fit(module, datamodule=dm)
+    assert snaps.fits == 1 and module.finished and module.stage == 1
+    for value, (start, end) in {"helpful": (0, 1), "harmless": (1, "end")}.items():
+        before, after = snaps.snaps[start], snaps.snaps[end]
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        own = {n for n in before if f".{value}." in n}
+        # every tensor of the stage's vector that gets gradient (B, and A through B != 0)
+        # changed; nothing else did
+        assert changed and changed <= own
+        assert {n for n in own if "lora_B" in n} <= changed
+
+
+def test_steps_per_stage_cut_each_stage_short(base):
+    policy = lora.add_value_vectors(copy.deepcopy(base.model), VALUES, r=4, lora_alpha=8)
+    _, dm = _setup(base)
+    module = MVAModule(
+        policy,
+        VALUES,
+        optimizer=torch.optim.AdamW,
+        alpha=0.0,
+        epochs_per_stage=3,
+        steps_per_stage=2,
+    )
+    assert module.trainer_limits() == {"max_epochs": 6, "max_steps": 4}
+    trainer = _trainer(**module.trainer_limits())
+    trainer.fit(module, datamodule=dm)
+    assert module.finished and trainer.global_step == 4  # 2 steps in each of the 2 stages
 
 
 def test_joint_schedule_trains_every_vector(base):
@@ -106,6 +133,7 @@ def test_joint_schedule_trains_every_vector(base):
     _trainer(max_steps=2).fit(module, datamodule=dm)
     after = _snapshot(module)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert module.stages == [VALUES]
     for v in VALUES:
         assert any(f".{v}." in n and "lora_B" in n for n in changed)
     assert all("lora_" in n for n in changed)
@@ -116,7 +144,7 @@ def test_reference_after_training_is_still_the_base(base):
     _trainer(max_steps=4).fit(module, datamodule=dm)
     batch = next(iter(dm.loader("helpful", "val")))
     module.precompute_reference = False
-    module._reference_cache.clear()
+    module.reference.clear()
     ref = module.reference_logps(batch)
     from mva_lightning.model.logps import response_logps
 
@@ -145,7 +173,15 @@ def test_checkpoint_holds_adapters_only(base, tmp_path):
     ckpt = torch.load(path, weights_only=False)
     keys = list(ckpt["state_dict"])
     assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
-    assert ckpt["mva"] == {"stage": 0, "values": VALUES, "schedule": "sequential"}
+    # the first epoch (one step) completed stage 0: the checkpoint resumes in stage 1
+    assert ckpt["mva"] == {
+        "stage": 1,
+        "stage_start_epoch": 1,
+        "stage_start_step": 1,
+        "finished": False,
+        "values": VALUES,
+        "schedule": "sequential",
+    }
 
 
 def test_training_batches_are_length_buckets_by_default(base):

@@ -25,7 +25,7 @@ def test_run_leaves_adapters_config_metrics_and_csv(toy_data, tmp_path):
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(metrics)
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/helpful/rewards/margins" in header and "train/mi" in header
-    ckpt = torch.load(out / "checkpoints" / "stage1-harmless" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert all("lora_" in k for k in ckpt["state_dict"])  # never the frozen base
     assert not list(out.rglob("*.tmp"))
 
@@ -100,7 +100,7 @@ def test_resume_gives_the_same_adapters(toy_data, tmp_path):
     ]
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(compose(toy_overrides(toy_data, killed, *common, *crash)))
-    last = killed / "checkpoints" / "stage1-harmless" / "last.ckpt"
+    last = killed / "checkpoints" / "last.ckpt"
     assert last.is_file() and not (killed / "adapters").exists()
 
     resumed = tmp_path / "resumed"

@@ -40,18 +40,22 @@ class _ShardedSampler(DistributedSampler):
     DDP averages gradients, so the updates agree too).
     """
 
-    def __init__(self, size: int, seed: int, num_replicas: int, rank: int) -> None:
+    def __init__(
+        self, size: int, seed: int, num_replicas: int, rank: int, epoch_offset: int = 0
+    ) -> None:
         # No super().__init__: it wants a dataset and an initialised process group.
         if not 0 <= rank < num_replicas:
             raise ValueError(f"sampler rank {rank} out of range for {num_replicas} replicas")
         self.size, self.seed, self.epoch = size, seed, 0
+        self.epoch_offset = epoch_offset
         self.num_replicas, self.rank = num_replicas, rank
         self.shuffle, self.drop_last = True, False
         self.num_samples = -(-size // num_replicas)
         self.total_size = self.num_samples * num_replicas
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        # Lightning passes the fit's epoch; shuffles count epochs from the stage's start.
+        self.epoch = epoch - self.epoch_offset
 
     def order(self) -> list[int]:
         """This epoch's global order of all ``size`` indices."""
@@ -81,8 +85,9 @@ class LengthBucketSampler(_ShardedSampler):
         window: int = 50,
         num_replicas: int = 1,
         rank: int = 0,
+        epoch_offset: int = 0,
     ) -> None:
-        super().__init__(len(lengths), seed, num_replicas, rank)
+        super().__init__(len(lengths), seed, num_replicas, rank, epoch_offset)
         self.lengths, self.batch_size, self.window = lengths, batch_size, window
 
     def batches(self) -> list[list[int]]:
@@ -110,8 +115,10 @@ class EpochShuffleSampler(_ShardedSampler):
     """A permutation seeded by (seed, epoch): a resumed run sees the same order as an
     uninterrupted one (Lightning calls ``set_epoch``); under DDP, this rank's share of it."""
 
-    def __init__(self, size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
-        super().__init__(size, seed, num_replicas, rank)
+    def __init__(
+        self, size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0, epoch_offset: int = 0
+    ):
+        super().__init__(size, seed, num_replicas, rank, epoch_offset)
 
     def order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -123,7 +130,9 @@ class PreferenceDataModule(L.LightningDataModule):
 
     The module trains on the values in :attr:`active_values` (one per sequential stage, all of
     them for the joint schedule): ``train_dataloader`` returns a dict value -> loader, which
-    Lightning combines so that each batch holds pairs of every active value.
+    Lightning combines so that each batch holds pairs of every active value. The LightningModule
+    sets :attr:`active_values` and :attr:`epoch_offset` (the fit's epoch at which the stage
+    began, so that each stage's shuffles are seeded by its own epoch count) at every stage.
 
     Args:
         splits: Value name -> its train/val/test pairs.
@@ -160,6 +169,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.chat_template, self.bucket_by_length = chat_template, bucket_by_length
         self.seed, self.num_workers = seed, num_workers
         self.active_values: list[str] = list(self.splits)
+        self.epoch_offset = 0
         self._tokenized: dict[tuple[str, str], list[Tokenized]] = {}
 
     @property
@@ -198,11 +208,18 @@ class PreferenceDataModule(L.LightningDataModule):
             lengths = [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in data]
             # Buckets of the global batch; each of the W devices takes every W-th index.
             sampler = LengthBucketSampler(
-                lengths, self.batch_size * world, self.seed, num_replicas=world, rank=rank
+                lengths,
+                self.batch_size * world,
+                self.seed,
+                num_replicas=world,
+                rank=rank,
+                epoch_offset=self.epoch_offset,
             )
             return DataLoader(data, batch_size=self.batch_size, sampler=sampler, **kw)
         size = self.batch_size if split == "train" else self.eval_batch_size
-        sampler = EpochShuffleSampler(len(data), self.seed, world, rank) if shuffle else None
+        sampler = None
+        if shuffle:
+            sampler = EpochShuffleSampler(len(data), self.seed, world, rank, self.epoch_offset)
         return DataLoader(data, batch_size=size, sampler=sampler, **kw)
 
     def replicas(self) -> tuple[int, int]:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from mva_lightning.diagnostics import interference
 from mva_lightning.io import write_csv, write_json
@@ -22,7 +21,10 @@ log = logging.getLogger(__name__)
 
 
 class InterferenceDiagnostics(L.Callback):
-    """Interference between value vectors, computed once after the last training stage.
+    """Interference between value vectors, computed once at the end of fit (all stages done).
+
+    The results stay on the callback (:meth:`metrics`, :attr:`pairs`); ``train()`` collects
+    them.
 
     The MI uses u = A_i h, v = A_j h with h the hidden states entering each adapted module
     when the base model (every adapter off) reads held-out batches; see
@@ -63,8 +65,12 @@ class InterferenceDiagnostics(L.Callback):
         self.per_module_mi, self.dirpath, self.seed = per_module_mi, dirpath, seed
         self.pairs: list[interference.PairInterference] = []
 
+    def metrics(self) -> dict[str, float]:
+        """``diagnostics/*`` scalars of the last computation (empty before it)."""
+        return interference.scalars(self.pairs) if self.pairs else {}
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.stage != len(pl_module.stages) - 1 or not trainer.is_global_zero:
+        if not trainer.is_global_zero or not getattr(pl_module, "finished", True):
             return
         if len(pl_module.values) < 2:
             log.info("interference diagnostics skipped: a single value vector")
@@ -123,8 +129,6 @@ class InterferenceDiagnostics(L.Callback):
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.log(wandb_payload(self.pairs, png))
             logger.save()
-        # train() reads callback_metrics after fit: the scalars also reach metrics.json
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars.items()})
 
 
 def wandb_payload(pairs: list[interference.PairInterference], png: Path) -> dict:

@@ -131,26 +131,24 @@ def base_projections(
         v: {name: [] for name, _ in layers} for v in values
     }
     current: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, layer in layers:
+    adapted = {name for name, _ in layers}
 
-        def hook(_module, args, _name=name):
-            h = args[0][current["mask"]].float()  # (N_batch, d_in), real tokens only
-            for v in values:
-                a = factors[v][_name].A.float()  # (r, d_in)
-                store[v][_name].append((h @ a.T).cpu())  # (N_batch, r): A_v h
+    def project(name: str, h: torch.Tensor) -> None:
+        if name not in adapted:
+            return
+        h = h[current["mask"]].float()  # (N_batch, d_in), real tokens only
+        for v in values:
+            a = factors[v][name].A.float()  # (r, d_in)
+            store[v][name].append((h @ a.T).cpu())  # (N_batch, r): A_v h
 
-        handles.append(layer.register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()
     try:
-        with lora.using_weights(model, {}):
+        with lora.using_weights(model, {}), lora.capture_inputs(model, project):
             for batch in batches:
                 current["mask"] = batch["attention_mask"].bool()  # (S, T)
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     if not current:
         raise ValueError("base_projections: no batches given")

@@ -1,21 +1,27 @@
 """The LightningModule: multi-value DPO on value vectors, with an MI penalty between them.
 
-The policy is the base model with one LoRA adapter per value (:mod:`mva_lightning.model.lora`). The
-reference is the same model with every adapter off (w = 0), or a separate frozen copy when the
-config asks for one. Training runs in stages (:attr:`MVAModule.stages`): the ``sequential``
-schedule (paper) has one stage per value, training theta_k with theta_1..theta_{k-1} frozen;
-the ``joint`` schedule trains every value vector in one stage.
+The policy is the base model with one LoRA adapter per value (:mod:`mva_lightning.model.lora`).
+The reference is the same model with every adapter off (w = 0), or a separate frozen copy when
+the config asks for one. A run is one ``Trainer.fit``: the stages of :mod:`.stages` follow each
+other inside it, and the module switches the trained value vector at each boundary (the
+``sequential`` schedule trains theta_k with theta_1..theta_{k-1} frozen; ``joint`` trains every
+value vector in one stage).
 
-Optimisation is manual (``automatic_optimization = False``) because the MINE estimator's
-statistics network is an adversary: each step first updates the head with its own optimizer on
-detached features (maximising its bound), then the value vectors take a step on
-sum_v L_DPO(theta_v) + alpha * sum_pairs MI.
+The module owns its collaborators: a :class:`~.reference.PairCache` of reference log-probs (and
+MODPO margins), and an :class:`~.mi_penalty.MIPenalty` (None without a penalty). Optimisation
+is manual (``automatic_optimization = False``) because MINE's statistics networks are
+adversaries: each step first updates a pair's network with its own optimizer on detached
+features, then the value vectors take a step on sum_v L_DPO(theta_v) + alpha * sum_pairs MI.
+
+One optimizer holds every trained adapter. A stage's loss only reaches its own vectors (the
+others are inactive or detached), Adam skips parameters without a gradient, and the optimizer
+state of a stage's vectors is cleared when the stage begins, so each stage optimises exactly as
+a fresh optimizer over its vectors would.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,35 +31,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mva_lightning.mi import MIEstimator, NoMI, activation_features, lora_features
+from mva_lightning.mi import MIEstimator
 from mva_lightning.model import lora
 from mva_lightning.model.logps import response_logps, share_prompt_pays
-from mva_lightning.training.losses import DPOOutput, dpo_loss, modpo_margin, split_chosen_rejected
+from mva_lightning.training.losses import (
+    DPOOutput,
+    dpo_loss,
+    modpo_margin,
+    split_chosen_rejected,
+)
+from mva_lightning.training.mi_penalty import MIPenalty, is_enabled, train_head
+from mva_lightning.training.reference import PairCache, as_logps, reference_rows
+from mva_lightning.training.stages import StagePlan, mi_pairs, stages_for
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("sequential", "joint")
-_TRAINED_STATE = ("lora_A", "lora_B", "mi_heads.")
-
-
-def stages_for(values: Sequence[str], schedule: str) -> list[list[str]]:
-    """Values trained in each stage: one per stage (sequential) or all at once (joint)."""
-    if schedule == "sequential":
-        return [[v] for v in values]
-    if schedule == "joint":
-        return [list(values)]
-    raise ValueError(f"train.schedule: expected one of {SCHEDULES}, got {schedule!r}")
-
-
-def mi_pairs(values: Sequence[str], stage: Sequence[str]) -> list[tuple[str, str]]:
-    """(trainable i, other j) pairs penalised in a stage.
-
-    Sequential: (v_k, v_j) for every earlier value j. Joint: every unordered pair (i < j).
-    """
-    if len(stage) == 1:
-        k = values.index(stage[0])
-        return [(stage[0], values[j]) for j in range(k)]
-    return [(stage[a], stage[b]) for a in range(len(stage)) for b in range(a + 1, len(stage))]
+_TRAINED_STATE = ("lora_A", "lora_B", "mi_penalty.heads.")
 
 
 class MVAModule(L.LightningModule):
@@ -64,17 +57,20 @@ class MVAModule(L.LightningModule):
         values: Value names, in training order.
         optimizer: Partial optimizer, called with the trainable parameters.
         beta: DPO beta.
-        alpha: Weight of the MI penalty (0 disables it).
-        mi: MI estimator; one copy per penalised pair (MINE heads are per pair).
+        alpha: Weight of the MI penalty (0: no penalty).
+        mi: MI estimator (None: no penalty); MINE gets one statistics network per pair.
         schedule: ``sequential`` or ``joint``.
+        epochs_per_stage: Epochs each stage trains (``trainer.max_epochs`` counts per stage).
+        steps_per_stage: Optimizer steps each stage takes at most (-1: no limit).
         mi_optimizer: Partial optimizer for estimators with a statistics network.
-        scheduler: Optional partial LR scheduler for the policy optimizer (stepped per update).
+        scheduler: Optional partial LR scheduler for the policy optimizer (stepped per update,
+            started afresh at every stage).
         reference_model: A separate frozen reference; ``None`` uses the policy at w = 0.
         precompute_reference: Compute reference log-probs once per stage and reuse them.
         head_on_response_only: Run the LM head only on response positions.
         share_prompt: Run each pair as one packed row, its prompt once for both responses
-            (same log-probs; see :mod:`mva_lightning.model.logps`): True, False or "auto" (on where
-            the model's attention takes a 4D mask). Off while MI activation features are
+            (same log-probs; see :mod:`mva_lightning.model.logps`): True, False or "auto" (on
+            where the model's attention takes a 4D mask). Off while MI activation features are
             captured.
         label_smoothing: Conservative-DPO epsilon.
         accumulate_grad_batches: Batches per optimizer step.
@@ -98,6 +94,8 @@ class MVAModule(L.LightningModule):
         alpha: float = 10.0,
         mi: MIEstimator | None = None,
         schedule: str = "sequential",
+        epochs_per_stage: int = 1,
+        steps_per_stage: int = -1,
         mi_optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         reference_model: nn.Module | None = None,
@@ -135,6 +133,7 @@ class MVAModule(L.LightningModule):
             raise ValueError(f"{missing} have no LoRA adapter in the policy (adapters: {needed})")
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold adapters and heads only, not the base
+        penalised = is_enabled(mi, alpha)
         self.save_hyperparameters(
             {
                 "values": list(values),
@@ -142,7 +141,7 @@ class MVAModule(L.LightningModule):
                 "alpha": alpha,
                 "schedule": schedule,
                 "label_smoothing": label_smoothing,
-                "mi": type(mi or NoMI()).__name__,
+                "mi": type(mi).__name__ if penalised else "none",
             }
         )
         self.policy = policy
@@ -154,39 +153,40 @@ class MVAModule(L.LightningModule):
         weighted = [
             [v for v in s if self.loss_weights[v] != 0] for s in stages_for(values, schedule)
         ]
-        self.stages = [s for s in weighted if s]  # a value of loss weight 0 is not trained
-        if not self.stages:
+        stages = [s for s in weighted if s]  # a value of loss weight 0 is not trained
+        if not stages:
             raise ValueError(f"loss_weights {self.loss_weights}: every value has weight 0")
-        self.stage = 0
+        self.plan = StagePlan(stages, epochs_per_stage, steps_per_stage)
         self.optimizer_factory, self.mi_optimizer_factory = optimizer, mi_optimizer
         self.scheduler_factory = scheduler
         self.precompute_reference = precompute_reference
         self.head_on_response_only = head_on_response_only
         self.share_prompt = share_prompt_pays(policy, share_prompt)
-        self._capturing = False  # capture_inputs needs one forward over the whole batch
+        self._capturing = False  # captured inputs need one forward over the whole batch
         self._log_now = True  # this training step's metrics are logged (see _logging_step)
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
-        self.mi_max_samples = mi_max_samples
-        self.estimator = mi if (mi is not None and alpha > 0) else NoMI()
-        shared = len(self.adapter_names) < len(self.values)
-        if shared and not isinstance(self.estimator, NoMI):
-            raise ValueError(
-                f"adapters {self.adapters}: the MI penalty needs one adapter per value; "
-                "use mi=none with a shared adapter"
-            )
-        self.estimator.check_factors(lora.lora_factors(policy, self.adapter_names[0]))
-        all_pairs = {p for s in self.stages for p in mi_pairs(self.values, s)}
-        if self.estimator.has_head:
-            self.mi_heads = nn.ModuleDict(
-                {_pair_key(p): copy.deepcopy(self.estimator) for p in sorted(all_pairs)}
-            )
-        self._reference_cache: dict[tuple[str, str], torch.Tensor] = {}
-        self._margin_cache: dict[tuple[str, str], torch.Tensor] = {}  # MODPO margins (N,)
-        self._mi_generator = torch.Generator().manual_seed(0)
-        self.begin_stage(0)
+        self.mi_penalty: MIPenalty | None = None
+        if penalised:
+            pairs = [p for s in stages for p in mi_pairs(self.values, s)]
+            self.mi_penalty = MIPenalty(mi, alpha, pairs, self.adapters, mi_max_samples)
+            self.mi_penalty.check(policy)
+        self.reference = PairCache()  # (value, split) -> (N, 2) reference log-probs
+        self.margins = PairCache()  # MODPO: (value, split) -> (N, 1) margins
+        # Every trained adapter is trainable for the whole fit (distributed wrappers see one
+        # fixed set); a stage's loss reaches only its own vectors.
+        lora.set_trainable(policy, self.adapter_names)
+        self.stage = 0
+        self.stage_start_epoch = self.stage_start_step = 0
+        self.finished = False
+        self._reload_every = 0
 
     # ----------------------------------------------------------------- stages
+    @property
+    def stages(self) -> list[list[str]]:
+        """Values trained in each stage."""
+        return self.plan.stages
+
     @property
     def adapter_names(self) -> list[str]:
         """The trained LoRA adapters, in value order (the values themselves for MVA)."""
@@ -203,29 +203,62 @@ class MVAModule(L.LightningModule):
 
     @property
     def stage_pairs(self) -> list[tuple[str, str]]:
-        """MI pairs penalised in the current stage (none when alpha = 0)."""
-        if isinstance(self.estimator, NoMI):
+        """MI pairs penalised in the current stage (none without a penalty)."""
+        if self.mi_penalty is None:
             return []
         return mi_pairs(self.values, self.stage_values)
 
-    def begin_stage(self, stage: int) -> None:
-        """Make the stage's value vectors (and only those) trainable."""
+    def trainer_limits(self) -> dict[str, int]:
+        """``max_epochs`` / ``max_steps`` of a Trainer that runs every stage in one fit."""
+        return {"max_epochs": self.plan.max_epochs, "max_steps": self.plan.max_steps}
+
+    def begin_stage(self, stage: int, epoch: int = 0, step: int = 0) -> None:
+        """Train the stage's value vectors from global ``epoch`` / ``step`` on.
+
+        Clears the per-stage caches, points the data module at the stage's values (its shuffles
+        count epochs from the stage's start) and starts the stage's optimizer state afresh.
+        """
         if not 0 <= stage < len(self.stages):
             raise ValueError(f"stage {stage} out of range; this schedule has {len(self.stages)}")
-        self.stage = stage
-        lora.set_trainable(self.policy, self.stage_adapters())
-        self._reference_cache.clear()
-        self._margin_cache.clear()
-        if self.trainer_datamodule is not None:
-            self.trainer_datamodule.active_values = self.stage_values
+        self.stage, self.stage_start_epoch, self.stage_start_step = stage, epoch, step
+        self.reference.clear()
+        self.margins.clear()
+        dm = self.trainer_datamodule
+        if dm is not None:
+            dm.active_values = self.stage_values
+            dm.epoch_offset = epoch
+        if self._trainer is not None and self.trainer.optimizers:
+            self._reset_stage_optimizers()
+
+    def _reset_stage_optimizers(self) -> None:
+        policy_opt, head_opt = self._raw_optimizers()
+        fresh = {
+            id(p) for a in self.stage_adapters() for p in lora.adapter_parameters(self.policy, a)
+        }
+        if self.mi_penalty is not None:
+            fresh |= {id(p) for p in self.mi_penalty.head_parameters(self.stage_pairs)}
+        for opt in (policy_opt, head_opt):
+            if opt is None:
+                continue
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if id(p) in fresh:
+                        opt.state.pop(p, None)
+        if self.scheduler_factory is not None:  # the schedule restarts with the stage
+            for group in policy_opt.param_groups:
+                group["lr"] = group.get("initial_lr", group["lr"])
+            self.trainer.lr_scheduler_configs[0].scheduler = self.scheduler_factory(policy_opt)
 
     @property
     def trainer_datamodule(self):
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
 
-    def _estimator(self, pair: tuple[str, str]) -> MIEstimator:
-        return self.mi_heads[_pair_key(pair)] if self.estimator.has_head else self.estimator
+    def _epochs_in_stage(self) -> int:
+        return self.current_epoch + 1 - self.stage_start_epoch
+
+    def _steps_in_stage(self) -> int:
+        return self.global_step - self.stage_start_step
 
     # -------------------------------------------------------------- log-probs
     def policy_logps(self, value_weights: dict[str, float], batch: dict) -> torch.Tensor:
@@ -257,30 +290,31 @@ class MVAModule(L.LightningModule):
 
     def cached_reference_logps(self, value: str, split: str, batch: dict) -> torch.Tensor:
         """Reference log-probs from the per-stage cache when present, else computed now."""
-        cached = self._reference_cache.get((value, split))
-        if cached is None:
+        if (value, split) not in self.reference:
             return self.reference_logps(batch)
-        rows = cached[batch["index"].to(cached.device)]  # (B, 2): chosen, rejected
-        return torch.cat([rows[:, 0], rows[:, 1]]).to(self.device)
+        return as_logps(self.reference.rows((value, split), batch["index"])).to(self.device)
 
     def precompute_reference_logps(self, value: str, split: str) -> None:
         """Fill the cache for one value's split (one pass of the reference, no grad)."""
+        self._fill(self.reference, value, split, "reference log-probs", self._reference_rows, 2)
+
+    def _reference_rows(self, batch: dict) -> torch.Tensor:
+        return reference_rows(self.reference_logps(batch))  # (B, 2)
+
+    def _fill(self, cache: PairCache, value: str, split: str, what: str, compute, width: int):
         dm = self.trainer_datamodule
         n = len(getattr(dm.splits[value], split))
         if n == 0:
             return
-        out = torch.zeros(n, 2)
         was_training = self.policy.training
         self.policy.eval()
-        loader = dm.loader(value, split)
-        desc = f"reference log-probs [{value}/{split}]"
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not self._show_progress()):
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
-            chosen, rejected = split_chosen_rejected(self.reference_logps(batch))
-            out[batch["index"].cpu(), 0] = chosen.float().cpu()
-            out[batch["index"].cpu(), 1] = rejected.float().cpu()
+        desc = f"{what} [{value}/{split}]"
+        batches = tqdm(
+            dm.loader(value, split), desc=desc, leave=False, disable=not self._show_progress()
+        )
+        to_device = (self.transfer_batch_to_device(b, self.device, 0) for b in batches)
+        cache.fill((value, split), n, to_device, compute, width)
         self.policy.train(was_training)
-        self._reference_cache[(value, split)] = out
 
     def _show_progress(self) -> bool:
         return self._trainer is not None and self.trainer.is_global_zero
@@ -292,30 +326,23 @@ class MVAModule(L.LightningModule):
         r_j = beta * (log pi_j - log pi_0) for each frozen adapter j (policy pi_0 + theta_j);
         m = (1/w_k) sum_j w_j (r_j(y_w) - r_j(y_l)), shape (N,).
         """
-        dm = self.trainer_datamodule
-        n = len(getattr(dm.splits[value], split))
-        out = torch.zeros(n)
-        was_training = self.policy.training
-        self.policy.eval()
+        self._fill(self.margins, value, split, "MODPO margins", self._margin_rows, 1)
+
+    def _margin_rows(self, batch: dict) -> torch.Tensor:
         weights = torch.tensor(list(self.margin_weights.values()), device=self.device)  # (J,)
-        for batch in dm.loader(value, split):
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
-            ref_c, ref_r = split_chosen_rejected(self.reference_logps(batch))
-            reward_margins = []
-            for adapter in self.margin_weights:
-                lc, lr = split_chosen_rejected(self.policy_logps({adapter: 1.0}, batch))
-                reward_margins.append(self.beta * ((lc - ref_c) - (lr - ref_r)))  # (B,)
-            m = modpo_margin(torch.stack(reward_margins), weights, self.margin_own_weight)
-            out[batch["index"].cpu()] = m.float().cpu()
-        self.policy.train(was_training)
-        self._margin_cache[(value, split)] = out
+        ref_c, ref_r = split_chosen_rejected(self.reference_logps(batch))
+        reward_margins = []
+        for adapter in self.margin_weights:
+            lc, lr = split_chosen_rejected(self.policy_logps({adapter: 1.0}, batch))
+            reward_margins.append(self.beta * ((lc - ref_c) - (lr - ref_r)))  # (B,)
+        return modpo_margin(torch.stack(reward_margins), weights, self.margin_own_weight)
 
     def _margin(self, value: str, split: str, batch: dict) -> torch.Tensor | None:
         if not self.margin_weights:
             return None
-        if (value, split) not in self._margin_cache:
+        if (value, split) not in self.margins:
             self.precompute_margins(value, split)
-        return self._margin_cache[(value, split)][batch["index"].cpu()].to(self.device)
+        return self.margins.rows((value, split), batch["index"].cpu())[:, 0].to(self.device)
 
     def dpo(self, value: str, batch: dict, split: str = "train") -> DPOOutput:
         """DPO loss of ``value``'s vector alone (policy pi_0 + theta_v) on its batch.
@@ -332,81 +359,13 @@ class MVAModule(L.LightningModule):
             pc, pr, rc, rr, beta=beta, label_smoothing=self.label_smoothing, margin=margin
         )
 
-    # ---------------------------------------------------------------- MI term
-    def mi_features(
-        self, pair: tuple[str, str], inputs: dict[str, torch.Tensor] | None, detach_y: bool
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Paired features of value vectors i and j for the penalty."""
-        est = self._estimator(pair)
-        a, b = self.adapters[pair[0]], self.adapters[pair[1]]
-        fi, fj = lora.lora_factors(self.policy, a), lora.lora_factors(self.policy, b)
-        if est.features == "activations":
-            if inputs is None:
-                raise RuntimeError("activation features need the inputs captured in the forward")
-            return activation_features(
-                inputs, fi, fj, self.mi_max_samples, self._mi_generator, detach_y=detach_y
-            )
-        return lora_features(fi, fj, est.features, detach_y=detach_y)
-
-    def mi_penalty(
-        self, captured: dict[str, dict[str, torch.Tensor]], train_heads: bool
-    ) -> torch.Tensor:
-        """sum over the stage's pairs of the MI estimate (grad to the trainable vectors)."""
-        total = torch.zeros((), device=self.device)
-        joint = len(self.stage_values) > 1
-        for pair in self.stage_pairs:
-            est = self._estimator(pair)
-            x, y = self.mi_features(pair, captured.get(pair[0]), detach_y=not joint)
-            if est.has_head and train_heads:
-                self._head_step(est, x, y)
-            estimate = est(x, y)
-            # a diverged estimate (inf/NaN, flagged or not) is dropped: it must not reach .grad
-            if not (estimate.finite and bool(torch.isfinite(estimate.value))):
-                log.warning("MI estimate for %s is not finite; penalty skipped this step", pair)
-                self.log("train/mi_skipped", 1.0)
-                continue
-            total = total + estimate.value
-            if self._log_now:
-                self.log(f"train/mi/{pair[0]}-{pair[1]}", estimate.value.detach())
-        return total
-
-    def _head_step(self, est: MIEstimator, x: dict, y: dict) -> None:
-        # The raw torch optimizer: Lightning counts every LightningOptimizer.step() as a global
-        # step, so head updates would eat into max_steps and shift checkpoint/log intervals.
-        head_opt = self._optimizers()[1].optimizer
-        detached_x = {k: t.detach() for k, t in x.items()}
-        detached_y = {k: t.detach() for k, t in y.items()}
-        for _ in range(est.head_steps):  # the adversary catches up before the policy moves
-            head_opt.zero_grad()
-            loss = est.head_loss(detached_x, detached_y)
-            loss.backward()  # plain backward: the head is not in the DDP-reduced policy graph
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                for p in est.parameters():
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
-            head_opt.step()
-
-    @contextlib.contextmanager
-    def capture_inputs(self, enabled: bool) -> Iterator[dict[str, torch.Tensor]]:
-        """Record the hidden state entering each LoRA layer during a forward (for MI features)."""
-        store: dict[str, torch.Tensor] = {}
-        handles = []
-        if enabled:
-            for name, layer in lora.lora_layers(self.policy):
-
-                def hook(_module, args, _name=name):
-                    store[_name] = args[0]
-
-                handles.append(layer.register_forward_pre_hook(hook))
-        self._capturing = enabled
-        try:
-            yield store
-        finally:
-            self._capturing = False
-            for h in handles:
-                h.remove()
-
     # --------------------------------------------------------------- training
+    def _raw_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+        # The raw torch optimizers: Lightning counts every LightningOptimizer.step() as a global
+        # step, so head updates through the wrapper would eat into max_steps.
+        opts = self.trainer.optimizers
+        return opts[0], (opts[1] if len(opts) > 1 else None)
+
     def _optimizers(self):
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
@@ -414,13 +373,14 @@ class MVAModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, dict], batch_idx: int) -> torch.Tensor:
         policy_opt, _ = self._optimizers()
-        needs_inputs = any(self._estimator(p).features == "activations" for p in self.stage_pairs)
-        penalised = {p[0] for p in self.stage_pairs}
+        pairs = self.stage_pairs
+        needs_inputs = self.mi_penalty is not None and self.mi_penalty.needs_inputs(pairs)
+        penalised = {p[0] for p in pairs}
         captured: dict[str, dict[str, torch.Tensor]] = {}
         dpo_total = torch.zeros((), device=self.device)
         self._log_now = self._logging_step()
         for value in self.stage_values:
-            with self.capture_inputs(needs_inputs and value in penalised) as inputs:
+            with self.capturing_inputs(needs_inputs and value in penalised) as inputs:
                 out = self.dpo(value, batch[value], "train")
             if inputs:
                 mask = batch[value]["attention_mask"].bool()  # (2B, T) real tokens
@@ -430,7 +390,7 @@ class MVAModule(L.LightningModule):
             for key, val in out.metrics().items() if self._log_now else ():
                 self.log(f"train/{value}/{key}", val, batch_size=n, prog_bar=key == "loss")
         is_update = (batch_idx + 1) % self.accumulate_grad_batches == 0
-        mi = self.mi_penalty(captured, train_heads=is_update) if self.stage_pairs else None
+        mi = self._mi_penalty(pairs, captured, train_heads=is_update) if pairs else None
         loss = dpo_total + (self.alpha * mi if mi is not None else 0.0)
         self.manual_backward(loss / self.accumulate_grad_batches)
         if is_update:
@@ -446,6 +406,37 @@ class MVAModule(L.LightningModule):
             if mi is not None:
                 self.log("train/mi", mi.detach(), prog_bar=True)
         return loss.detach()
+
+    @contextlib.contextmanager
+    def capturing_inputs(self, enabled: bool) -> Iterator[dict[str, torch.Tensor]]:
+        """Module name -> the hidden state entering its LoRA layer in the enclosed forward (the
+        MI penalty's activation features); packed prompt sharing is off meanwhile, so that the
+        rows are the batch's own."""
+        inputs: dict[str, torch.Tensor] = {}
+        self._capturing = enabled
+        try:
+            with lora.capture_inputs(self.policy, inputs.__setitem__, enabled=enabled):
+                yield inputs
+        finally:
+            self._capturing = False
+
+    def _mi_penalty(self, pairs, captured, train_heads: bool) -> torch.Tensor:
+        """sum over the stage's pairs of the MI estimate (grad to the trainable vectors)."""
+        head_step = None
+        if train_heads and self.mi_penalty.has_heads:
+            _, head_opt = self._raw_optimizers()
+
+            def head_step(est, x, y):
+                train_head(est, x, y, head_opt)
+
+        joint = len(self.stage_values) > 1
+        out = self.mi_penalty(self.policy, pairs, captured, not joint, head_step)
+        if out.skipped:
+            self.log("train/mi_skipped", float(len(out.skipped)))
+        if self._log_now:
+            for name, value in out.estimates.items():
+                self.log(f"train/mi/{name}", value)
+        return out.total
 
     def _logging_step(self) -> bool:
         """Whether the Trainer writes this step's metrics.
@@ -474,43 +465,78 @@ class MVAModule(L.LightningModule):
             )
 
     def setup(self, stage: str) -> None:
-        # Before configure_optimizers: the stage's vectors must be trainable (and only they).
-        if self.trainer_datamodule is not None:
-            self.trainer_datamodule.active_values = self.stage_values
-        lora.set_trainable(self.policy, self.stage_adapters())
+        dm = self.trainer_datamodule
+        if dm is not None:
+            dm.active_values = self.stage_values
+            dm.epoch_offset = self.stage_start_epoch
+        self._reload_every = self.trainer.reload_dataloaders_every_n_epochs  # the user's
+        if self.trainer.fast_dev_run:  # Lightning's smoke run: n batches of every stage
+            n = int(self.trainer.fast_dev_run)
+            self.plan = StagePlan(self.stages, epochs=1, steps=n)
+            self.trainer.fit_loop.max_epochs = self.plan.max_epochs
+            self.trainer.fit_loop.epoch_loop.max_steps = self.plan.max_steps
 
-    def on_fit_start(self) -> None:
-        if self.precompute_reference and self.trainer_datamodule is not None:
-            for value in self.stage_values:
-                for split in ("train", "val"):
-                    if (value, split) not in self._reference_cache:
-                        self.precompute_reference_logps(value, split)
-        if self.margin_weights and self.trainer_datamodule is not None:
-            for value in self.stage_values:  # MODPO: once per split, before the first step
-                for split in ("train", "val"):
-                    if (value, split) not in self._margin_cache:
-                        self.precompute_margins(value, split)
+    def on_train_epoch_start(self) -> None:
+        # The stage's first epoch (or the first after a resume): caches that never change.
+        dm = self.trainer_datamodule
+        if dm is None:
+            return
+        for value in self.stage_values:
+            for split in ("train", "val"):
+                if self.precompute_reference and (value, split) not in self.reference:
+                    self.precompute_reference_logps(value, split)
+                if self.margin_weights and (value, split) not in self.margins:
+                    self.precompute_margins(value, split)  # MODPO: once per split
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
+        if self.plan.step_limit_reached(self._steps_in_stage()):
+            return -1  # the stage has taken its steps: skip the rest of this epoch
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        self.trainer.reload_dataloaders_every_n_epochs = self._reload_every  # boundary done
+        if not self.plan.stage_done(self._epochs_in_stage(), self._steps_in_stage()):
+            return
+        if self.stage + 1 < len(self.stages):
+            self.begin_stage(self.stage + 1, self.current_epoch + 1, self.global_step)
+            # The next epoch reads the new stage's values: the Trainer rebuilds its train and
+            # val loaders then (only then: each rebuild also starts a loader iterator).
+            self.trainer.reload_dataloaders_every_n_epochs = 1
+        else:
+            self.finished = True
+            self.trainer.should_stop = True
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if not params:
-            raise RuntimeError(f"stage {self.stage}: no trainable parameters")
+            raise RuntimeError("no trainable parameters")
         optimizers = [self.optimizer_factory(params)]
-        heads = [self._estimator(p) for p in self.stage_pairs if self._estimator(p).has_head]
-        if heads:
+        if self.mi_penalty is not None and self.mi_penalty.has_heads:
             if self.mi_optimizer_factory is None:
                 raise ValueError("the MI estimator has a statistics network: set mi.optimizer")
-            optimizers.append(self.mi_optimizer_factory([p for h in heads for p in h.parameters()]))
+            heads = self.mi_penalty.head_parameters(list(self.mi_penalty_pairs()))
+            optimizers.append(self.mi_optimizer_factory(heads))
         if self.scheduler_factory is None:
             return optimizers
         return optimizers, [self.scheduler_factory(optimizers[0])]
+
+    def mi_penalty_pairs(self) -> list[tuple[str, str]]:
+        """Every pair any stage penalises, in stage order."""
+        return [p for s in self.stages for p in mi_pairs(self.values, s)]
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Keep only what was trained: adapters and MI heads, never the frozen base.
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if _is_trained(k)}
-        checkpoint["mva"] = {"stage": self.stage, "values": self.values, "schedule": self.schedule}
+        checkpoint["mva"] = {
+            "stage": self.stage,
+            "stage_start_epoch": self.stage_start_epoch,
+            "stage_start_step": self.stage_start_step,
+            "finished": self.finished,
+            "values": self.values,
+            "schedule": self.schedule,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("mva")
@@ -525,10 +551,10 @@ class MVAModule(L.LightningModule):
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} adapter tensors, e.g. {missing[0]}")
-
-
-def _pair_key(pair: tuple[str, str]) -> str:
-    return f"{pair[0]}__{pair[1]}"
+        self.begin_stage(
+            int(meta["stage"]), int(meta["stage_start_epoch"]), int(meta["stage_start_step"])
+        )
+        self.finished = bool(meta.get("finished", False))
 
 
 def _is_trained(key: str) -> bool:
