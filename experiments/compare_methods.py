@@ -17,10 +17,12 @@ Settings:
   values, helpful and positive (``--values`` picks others; the harmless scorer is saturated on
   the base model, so it cannot separate fronts), at most 32 training pairs per value, one
   epoch, fronts scored on 12 held-out prompts.
-- ``hh_2values``: the HH-RLHF rows in ``../shared/data/hh-rlhf/`` (offline), SmolLM2-135M on
-  the CPU, generation scored by the Bradley-Terry heads in ``experiments/results/bt/``.
+- ``hh_2values``: the HH-RLHF test rows in ``--data-dir`` (offline; ``helpful-base-test.jsonl.gz``
+  and ``harmless-base-test.jsonl.gz``), SmolLM2-135M on the CPU, generation scored by the
+  Bradley-Terry heads in ``experiments/results/bt/``.
 
     python experiments/compare_methods.py [--setting embedded] [--seeds 3] [--methods mva ...]
+    python experiments/compare_methods.py --setting hh_2values --data-dir path/to/hh-rlhf
 
 A method's time is its runs' stage times (training and sweep, without the one-off data build);
 SOUP and ``mva_no_extrapolation`` reuse the training of ``mva_no_mi`` / ``mva`` (same config
@@ -48,9 +50,11 @@ from pathlib import Path
 from mva_lightning.io import write_csv, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-HH = REPO.parent / "shared" / "data" / "hh-rlhf"
+CONF = REPO / "mva_lightning" / "conf"
 OUT = REPO / "experiments" / "results" / "compare_methods"
-METHODS = [
+HH_FILES = {"helpful": "helpful-base-test.jsonl.gz", "harmless": "harmless-base-test.jsonl.gz"}
+# The table's order. Membership is conf/method/: every method config, checked at import.
+ORDER = [
     "mva",
     "soup",
     "dpo",
@@ -61,13 +65,33 @@ METHODS = [
     "mva_no_extrapolation",
     "mva_orthogonal",
 ]
+
+
+def every_method() -> list[str]:
+    """The methods of conf/method/ in the table's order.
+
+    Raises:
+        SystemExit: ``ORDER`` and the config folder name different methods.
+    """
+    configs = {p.stem for p in (CONF / "method").glob("*.yaml")}
+    if configs != set(ORDER):
+        raise SystemExit(
+            "compare_methods.ORDER and conf/method/ disagree: "
+            f"configs missing from ORDER {sorted(configs - set(ORDER))}, "
+            f"names in ORDER without a config {sorted(set(ORDER) - configs)}; "
+            "add the method to ORDER (and to MI / method_runs if it differs) or remove it"
+        )
+    return ORDER
+
+
+METHODS = every_method()
 # The MI group of each method, passed on the command line too: an experiment's
 # `override /mi` would otherwise win over the method's (experiments are applied last).
 MI = {m: "none" for m in METHODS} | {"mva": "hsic", "mva_no_extrapolation": "hsic"}
 MI["mva_orthogonal"] = "orthogonal"
 SWEEP = [[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]]  # DPO-LW and MODPO: one run per w (K = 2)
 # Methods whose training is another method's, with other candidates: the trained run is reused
-# and only its sweep is rerun (`python -m mva_lightning.sweep.sweep`) into its own folder.
+# and only its sweep is rerun (`python -m mva_lightning.sweep`) into its own folder.
 SAME_TRAINING = {"soup": "mva_no_mi", "mva_no_extrapolation": "mva"}
 EMBEDDED_VALUES = ["helpful", "positive"]
 
@@ -109,8 +133,17 @@ def _pair(prompt: str, chosen: str, rejected: str) -> str:
     return json.dumps({"chosen": prompt + chosen, "rejected": prompt + rejected})
 
 
-def setting_overrides(setting: str, data_dir: Path, values: list[str] | None = None) -> list[str]:
-    """Overrides shared by every method of a setting (``values``: the embedded values used)."""
+def setting_overrides(
+    setting: str, data_dir: Path, values: list[str] | None = None, hh_dir: Path | None = None
+) -> list[str]:
+    """Overrides shared by every method of a setting.
+
+    Args:
+        setting: ``tiny``, ``embedded`` or ``hh_2values``.
+        data_dir: Where the tiny setting writes its generated toy files.
+        values: The embedded values compared (default ``EMBEDDED_VALUES``).
+        hh_dir: The folder holding the HH-RLHF test files (``hh_2values`` only).
+    """
     if setting == "tiny":
         files = toy_files(data_dir)
         return [
@@ -140,13 +173,15 @@ def setting_overrides(setting: str, data_dir: Path, values: list[str] | None = N
             "extrapolation.objective.prompts_split=test",
         ]
     if setting == "hh_2values":
+        if hh_dir is None:
+            raise SystemExit("--setting hh_2values needs --data-dir (the HH-RLHF files)")
         bt = REPO / "experiments" / "results" / "bt"
         return [
             "+experiment=hh_2values",
             "model=smollm2",
             "trainer=cpu",
-            f"value.helpful.source.files=[{HH / 'helpful-base-test.jsonl.gz'}]",
-            f"value.harmless.source.files=[{HH / 'harmless-base-test.jsonl.gz'}]",
+            f"value.helpful.source.files=[{hh_dir / HH_FILES['helpful']}]",
+            f"value.harmless.source.files=[{hh_dir / HH_FILES['harmless']}]",
             "value.helpful.max_pairs=400",
             "value.harmless.max_pairs=400",
             "data.split.test=0.1",
@@ -197,12 +232,17 @@ def run_points(
 
 
 def compare_seed(
-    setting: str, seed: int, methods: list[str], root: Path, values: list[str] | None = None
+    setting: str,
+    seed: int,
+    methods: list[str],
+    root: Path,
+    values: list[str] | None = None,
+    hh_dir: Path | None = None,
 ) -> dict:
     """Every method on one seed: per method its points, front, hypervolume and times."""
     from mva_lightning.train import train
 
-    common = setting_overrides(setting, root / "data", values)
+    common = setting_overrides(setting, root / "data", values, hh_dir)
     num_values = len(values or EMBEDDED_VALUES) if setting == "embedded" else 2
     needed = set(methods) | {SAME_TRAINING[m] for m in methods if m in SAME_TRAINING}
     if "modpo" in methods:
@@ -299,7 +339,7 @@ def resweep(overrides: list[str], donor_extra: list[str], run_dir: Path, subdir:
     """
     from omegaconf import OmegaConf
 
-    from mva_lightning.sweep.sweep import main as extrapolate
+    from mva_lightning.sweep.cli import rerun
 
     mine = _compose(overrides)
     donor = _compose(
@@ -311,22 +351,15 @@ def resweep(overrides: list[str], donor_extra: list[str], run_dir: Path, subdir:
     if a != b:
         raise RuntimeError(f"{subdir}: training differs from the run in {run_dir}")
     candidates = OmegaConf.to_container(mine.extrapolation.candidates, resolve=True)
-    dotlist = [f"extrapolation.candidates.{k}={json.dumps(v)}" for k, v in candidates.items()]
-    extrapolate(
-        [
-            f"run_dir={run_dir}",
-            *dotlist,
-            f"extrapolation.output_subdir={subdir}",
-            "extrapolation.report_split=null",
-            "extrapolation.progress=false",
-        ]
-    )
+    # a partial node: merged onto the run's own sweep settings (+extrapolation.KEY=V)
+    patch = {"candidates": candidates, "output_subdir": subdir, "report_split": None}
+    rerun(run_dir, {**patch, "progress": False})
 
 
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
 
@@ -369,27 +402,46 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="train and sweep just these seeds (e.g. one per process), no table; a later run "
         "without it reuses their finished run folders",
     )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"hh_2values: the folder holding the HH-RLHF files {', '.join(HH_FILES.values())}",
+    )
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--work", type=Path, default=None, help="run folders (outputs/compare_methods)")
     args = p.parse_args(argv)
     if args.values is not None and args.setting != "embedded":
         raise SystemExit(f"--values picks embedded values; --setting {args.setting} has its own")
-    if args.setting == "hh_2values" and not HH.is_dir():
-        raise SystemExit(f"hh_2values needs the HH-RLHF files in {HH}")
+    if args.setting == "hh_2values":
+        if args.data_dir is None:
+            raise SystemExit(
+                "--setting hh_2values needs --data-dir: a folder holding the HH-RLHF test files "
+                + ", ".join(HH_FILES.values())
+            )
+        missing = [f for f in HH_FILES.values() if not (args.data_dir / f).is_file()]
+        if missing:
+            raise SystemExit(f"--data-dir {args.data_dir}: missing {', '.join(missing)}")
+    elif args.data_dir is not None:
+        raise SystemExit(f"--data-dir is for --setting hh_2values; {args.setting} has its data")
     logging.getLogger("lightning").setLevel(logging.WARNING)
     from mva_lightning.sweep import pareto
 
     work = args.work or REPO / "outputs" / "compare_methods" / args.setting  # gitignored
     if args.only_seeds is not None:
         for seed in args.only_seeds:
-            compare_seed(args.setting, seed, args.methods, work / f"seed{seed}", args.values)
+            compare_seed(
+                args.setting, seed, args.methods, work / f"seed{seed}", args.values, args.data_dir
+            )
         print(f"seeds {args.only_seeds} done in {work}; the table: rerun without --only-seeds")
         return []
     start = time.perf_counter()
     per_seed = []
     for seed in range(args.seeds):
         per_seed.append(
-            compare_seed(args.setting, seed, args.methods, work / f"seed{seed}", args.values)
+            compare_seed(
+                args.setting, seed, args.methods, work / f"seed{seed}", args.values, args.data_dir
+            )
         )
     wall = time.perf_counter() - start
     rows = summarise(per_seed, args.methods)

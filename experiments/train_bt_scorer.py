@@ -1,9 +1,10 @@
 """How good are the offline scorers at telling chosen from rejected on real HH-RLHF pairs?
 
-For each value (helpful-base, harmless-base; the official test files under
-``../shared/data/hh-rlhf/``): a seeded 80 % / 20 % split of the pairs; a Bradley-Terry head on
-frozen MiniLM features (:class:`mva_lightning.scorers.BradleyTerry`) trains on the 80 % and is
-scored on the 20 %: held-out pair accuracy = fraction of pairs with ``r(chosen) > r(rejected)``
+For each value (helpful-base, harmless-base; the official test files of Anthropic/hh-rlhf,
+``helpful-base-test.jsonl.gz`` and ``harmless-base-test.jsonl.gz``, in ``--data-dir``): a
+seeded 80 % / 20 % split of the pairs; a Bradley-Terry head on frozen MiniLM features
+(:class:`mva_lightning.scorers.BradleyTerry`) trains on the 80 % and is scored on the 20 %:
+held-out pair accuracy = fraction of pairs with ``r(chosen) > r(rejected)``
 (ties count as wrong). On the same held-out pairs, zero-shot baselines:
 
 - ``longer``: the longer response (in words) wins;
@@ -16,8 +17,8 @@ Reference (the reward models' own reports): Ray2333 GPT-2-large 0.726 helpful, 0
 test split, far fewer pairs). MiniLM features are computed once per value and cached
 (``$MVA_CACHE`` or ``~/.cache/mva_lightning``), so reruns with other head settings take seconds.
 
-    python experiments/train_bt_scorer.py                    # both values, all pairs
-    python experiments/train_bt_scorer.py --max-pairs 300    # smoke run
+    python experiments/train_bt_scorer.py --data-dir path/to/hh-rlhf                  # all pairs
+    python experiments/train_bt_scorer.py --data-dir path/to/hh-rlhf --max-pairs 300  # smoke
 
 Writes ``experiments/results/bt_scorer.json`` and the trained heads to
 ``experiments/results/bt/<value>/`` (load them with ``scorer=bt scorer.path=...``).
@@ -34,14 +35,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "hh-rlhf"
 REFERENCE = {"helpful": 0.726, "harmless": 0.737}  # Ray2333 GPT-2-large reward models
 FILES = {"helpful": "helpful-base-test.jsonl.gz", "harmless": "harmless-base-test.jsonl.gz"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", type=Path, default=DATA, help="folder of the HH-RLHF files")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"folder holding the HH-RLHF test files ({', '.join(FILES.values())})",
+    )
     p.add_argument("--values", nargs="+", default=list(FILES), choices=list(FILES))
     p.add_argument("--max-pairs", type=int, default=None, help="first N rows of each file")
     p.add_argument("--heldout", type=float, default=0.2, help="held-out fraction")
@@ -53,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "experiments" / "results")
     p.add_argument("--no-save", action="store_true", help="do not write the trained heads")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.data_dir is None:
+        p.error(f"--data-dir is required: a folder holding {', '.join(FILES.values())}")
+    return args
 
 
 def cached_features(bt, pairs, key: str):

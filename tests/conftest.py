@@ -1,4 +1,4 @@
-"""Shared test helpers: toy preference files, config composition, the shared real data."""
+"""Shared test helpers: toy preference files, config composition, the real preference data."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The real HH-RLHF / PKU-SafeRLHF rows: $MVA_TEST_DATA, else `shared/data` beside the checkout
+# (where CI places them).
+TEST_DATA = Path(os.environ.get("MVA_TEST_DATA") or REPO.parent / "shared" / "data")
+NO_TEST_DATA = (
+    "real preference data not available "
+    "(set MVA_TEST_DATA to a folder holding hh-rlhf/ and pku-saferlhf/)"
+)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -24,11 +30,11 @@ import torch  # noqa: E402  (after OMP_NUM_THREADS)
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def shared_file(*parts: str) -> Path:
-    """A file of the shared real data, or skip the test (with the reason) where it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
+def real_data_file(*parts: str) -> Path:
+    """A file of the real preference data (``$MVA_TEST_DATA/<parts>``), or skip the test."""
+    path = TEST_DATA.joinpath(*parts)
     if not path.is_file():
-        pytest.skip(f"shared data not available: {path.relative_to(REPO.parent)} is absent")
+        pytest.skip(f"{NO_TEST_DATA}: {'/'.join(parts)} is absent")
     return path
 
 
@@ -92,3 +98,49 @@ class TableScorer:
 
     def __call__(self, prompts, responses):
         return [self.table[r] for r in responses]
+
+
+# A tiny policy with random value vectors and held-out pairs: the objectives' and sweep's tests.
+VALUES = ["helpful", "harmless"]
+
+
+def make_policy(values=VALUES, seed=0):
+    """A tiny policy whose value vectors are random (non-zero B): each one moves the model."""
+    import copy
+
+    from mva_lightning.model import lora
+    from mva_lightning.model.backbones import tiny_llama
+
+    backbone = tiny_llama(seed=1)
+    policy = lora.add_value_vectors(copy.deepcopy(backbone.model), values, r=4, lora_alpha=8)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(policy):
+            for v in values:
+                w = layer.lora_B[v].weight
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.5)
+    return policy.eval(), backbone
+
+
+def _pairs(value, n, offset):
+    from mva_lightning.data.sources import PreferencePair
+
+    good, bad = ("Here is how.", "No.") if value == "helpful" else ("I cannot.", "Sure!")
+    return [
+        PreferencePair(f"\n\nHuman: item {offset + i}?\n\nAssistant:", f" {good} {i}", f" {bad}")
+        for i in range(n)
+    ]
+
+
+def make_datamodule(tokenizer, values=VALUES, n_val=6, n_test=4):
+    """Held-out pairs per value (val prompts shared across values, to test deduplication)."""
+    from mva_lightning.data.datamodule import PreferenceDataModule
+    from mva_lightning.data.sources import Splits
+
+    splits = {
+        v: Splits(train=_pairs(v, 4, 100), val=_pairs(v, n_val, 0), test=_pairs(v, n_test, 50))
+        for v in values
+    }
+    return PreferenceDataModule(
+        splits, tokenizer, eval_batch_size=4, max_length=48, max_prompt_length=24
+    )

@@ -13,18 +13,8 @@ from mva_lightning.training.losses import dpo_loss, modpo_margin
 from mva_lightning.training.methods import FROZEN_PREFIX, method_inputs
 from mva_lightning.training.module import MVAModule
 
-METHODS = [
-    "mva",
-    "soup",
-    "dpo",
-    "dpo_lw",
-    "dpo_seqt",
-    "modpo",
-    "mva_no_mi",
-    "mva_no_extrapolation",
-    "mva_orthogonal",
-]
-SHARED = {"dpo", "dpo_lw", "dpo_seqt", "modpo"}
+METHODS = sorted(p.stem for p in (REPO / "mva_lightning" / "conf" / "method").glob("*.yaml"))
+SHARED = {"dpo", "dpo_lw", "dpo_seqt", "modpo"}  # one adapter, `policy`, for every value
 
 
 @pytest.fixture
@@ -254,3 +244,11 @@ def test_soup_reuses_the_no_mi_training_with_simplex_candidates(compare, tmp_pat
 def test_values_outside_the_embedded_setting_is_a_clear_error(compare):
     with pytest.raises(SystemExit, match="--values picks embedded values"):
         compare.main(["--setting", "tiny", "--values", "helpful"])
+
+
+def test_compare_methods_runs_every_method_config_and_asks_for_real_data(compare, tmp_path):
+    assert "mva" in METHODS and sorted(compare.METHODS) == METHODS
+    with pytest.raises(SystemExit, match="needs --data-dir.*helpful-base-test.jsonl.gz"):
+        compare.main(["--setting", "hh_2values"])
+    with pytest.raises(SystemExit, match="missing helpful-base-test.jsonl.gz"):
+        compare.main(["--setting", "hh_2values", "--data-dir", str(tmp_path)])

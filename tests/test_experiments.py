@@ -3,11 +3,12 @@
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose, shared_file
+from conftest import REPO, compose, real_data_file
 
 from mva_lightning.train import train
 
-EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+CONF = REPO / "mva_lightning" / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 FAST = [
     "model=tiny",
     "trainer=cpu",
@@ -27,7 +28,7 @@ GEN = ["extrapolation.objective.num_prompts=2", "extrapolation.objective.max_new
 
 
 def _hh(value: str, part: str) -> list[str]:
-    path = shared_file("hh-rlhf", f"{part}-base-test.jsonl.gz")
+    path = real_data_file("hh-rlhf", f"{part}-base-test.jsonl.gz")
     return [f"value.{value}.source.files=[{path}]", f"value.{value}.source.max_rows=60"]
 
 
@@ -39,7 +40,7 @@ def _overrides(name: str, tmp: Path) -> list[str]:
             common + _hh("helpful", "helpful") + _hh("harmless", "harmless") + offline + SWEEP + GEN
         )
     if name == "hh_3values":
-        humor_file = shared_file("hh-rlhf", "helpful-base-test.jsonl.gz")
+        humor_file = real_data_file("hh-rlhf", "helpful-base-test.jsonl.gz")
         three = SWEEP[:1] + ["extrapolation.candidates.vectors=[[0.5,0.5,0.5],[1,1,1.5]]", SWEEP[2]]
         return (
             common
@@ -55,7 +56,7 @@ def _overrides(name: str, tmp: Path) -> list[str]:
             ]
         )
     if name == "beavertails_2values":
-        pku = shared_file("pku-saferlhf", "sample-17.jsonl")
+        pku = real_data_file("pku-saferlhf", "sample-17.jsonl")
         return (
             common
             + SWEEP
@@ -100,3 +101,14 @@ def test_experiment_runs_fast_dev_run(name, tmp_path, monkeypatch):
         assert (out / "adapters" / value / "adapter_model.safetensors").is_file()
     assert (out / "extrapolation" / "pareto.csv").is_file()
     assert "pareto/hypervolume" in metrics
+
+
+def test_bt_scorer_script_asks_for_the_data_folder(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    import train_bt_scorer
+
+    with pytest.raises(SystemExit):
+        train_bt_scorer.parse_args([])
+    assert "--data-dir is required" in capsys.readouterr().err
+    assert train_bt_scorer.main(["--data-dir", str(tmp_path)]) == 1  # names the missing files
+    assert "helpful-base-test.jsonl.gz" in capsys.readouterr().err

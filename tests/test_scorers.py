@@ -10,7 +10,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TableScorer, compose, shared_file
+from conftest import TableScorer, compose, real_data_file
 
 from mva_lightning.data.sources import PreferencePair
 from mva_lightning.scorers import (
@@ -367,7 +367,7 @@ def test_bradley_terry_on_real_hh_pairs():
     """
     from mva_lightning.data.sources import hh_rlhf, split_pairs
 
-    path = shared_file("hh-rlhf", "helpful-base-test.jsonl.gz")
+    path = real_data_file("hh-rlhf", "helpful-base-test.jsonl.gz")
     split = split_pairs(hh_rlhf(files=[path], max_rows=1000), test=0.2, val=0.0, seed=0)
     metrics = BradleyTerry().fit(split.train, split.test, epochs=50, lr=1e-3)
     assert metrics["val_acc"] > 0.55  # above chance on held-out human labels

@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import TEST_DATA, real_data_file
 
 from mva_lightning.data.sources import (
     DataError,
@@ -24,16 +25,8 @@ from mva_lightning.data.sources import (
     split_transcript,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-HH = DATA / "hh-rlhf"
-PKU = DATA / "pku-saferlhf" / "sample-17.jsonl"
+HH = TEST_DATA / "hh-rlhf"
 A = "\n\nAssistant:"
-
-
-def _require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(reason=f"shared data not present: {path}")
-    return path
 
 
 def _write(path: Path, rows: list) -> Path:
@@ -71,12 +64,12 @@ def test_split_transcript_without_marker():
 
 @pytest.fixture(scope="module")
 def helpful() -> list[PreferencePair]:
-    return hh_rlhf(files=[_require(HH / "helpful-base-test.jsonl.gz")])
+    return hh_rlhf(files=[real_data_file("hh-rlhf", "helpful-base-test.jsonl.gz")])
 
 
 @pytest.mark.parametrize("name", ["helpful-base", "harmless-base"])
 def test_hh_real_rows(name):
-    path = _require(HH / f"{name}-test.jsonl.gz")
+    path = real_data_file("hh-rlhf", f"{name}-test.jsonl.gz")
     pairs = hh_rlhf(files=[path])
     n_rows = sum(1 for _ in read_jsonl(path))
     assert 0 < n_rows - len(pairs) < 20
@@ -114,7 +107,7 @@ def test_hh_first_row_and_max_rows(helpful):
     "label, key", [("better", "better_response_id"), ("safer", "safer_response_id")]
 )
 def test_pku_labels(label, key):
-    path = _require(PKU)
+    path = real_data_file("pku-saferlhf", "sample-17.jsonl")
     rows = [o for _, o in read_jsonl(path)]
     pairs = pku_saferlhf(files=[path], label=label)
     assert len(pairs) == len(rows) == 17
@@ -126,7 +119,7 @@ def test_pku_labels(label, key):
 
 
 def test_pku_labels_swap_where_ids_differ():
-    path = _require(PKU)
+    path = real_data_file("pku-saferlhf", "sample-17.jsonl")
     rows = [o for _, o in read_jsonl(path)]
     better, safer = pku_saferlhf(files=[path]), pku_saferlhf(files=[path], label="safer")
     differ = [i for i, o in enumerate(rows) if o["better_response_id"] != o["safer_response_id"]]
