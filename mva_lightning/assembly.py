@@ -93,16 +93,14 @@ def build(cfg: DictConfig, splits: dict[str, Any]):
     """Model, value vectors, data module and LightningModule from the config."""
     from hydra.utils import instantiate
 
-    from mva_lightning.model import lora
     from mva_lightning.training.methods import load_frozen, method_inputs
     from mva_lightning.training.mi_penalty import is_enabled
     from mva_lightning.training.module import MVAModule
 
     values = list(cfg.value.keys())
     method = method_inputs(values, **OmegaConf.to_container(cfg.get("method") or {}, resolve=True))
-    backbone = instantiate(cfg.model.loader)
     names = [*method.adapter_names, *method.frozen]  # MVA: one adapter per value
-    policy = lora.add_value_vectors(backbone.model, names, **cfg.model.lora)
+    backbone, policy = build_policy(cfg, names)
     load_frozen(policy, method.frozen)
     if cfg.train.get("compile", False):
         compile_decoder(backbone.model)
@@ -137,6 +135,21 @@ def build(cfg: DictConfig, splits: dict[str, Any]):
         **method.module_kwargs(),
     )
     return backbone, module, datamodule
+
+
+def build_policy(cfg: DictConfig, adapters: list[str]):
+    """The base model of ``model.loader`` with one LoRA adapter per name (``model.lora``).
+
+    Returns:
+        ``(backbone, policy)``: the base's Backbone (model and tokenizer) and the PEFT model.
+    """
+    from hydra.utils import instantiate
+
+    from mva_lightning.model import lora
+
+    backbone = instantiate(cfg.model.loader)
+    lora_kw = OmegaConf.to_container(cfg.model.lora, resolve=True)
+    return backbone, lora.add_value_vectors(backbone.model, adapters, **lora_kw)
 
 
 def build_datamodule(cfg: DictConfig, splits: dict[str, Any], tokenizer):

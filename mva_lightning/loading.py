@@ -64,10 +64,9 @@ def build_policy(cfg, run_dir: str | os.PathLike):
     Returns:
         ``(policy, backbone)``: the PEFT model (eval mode, frozen) and the base's Backbone.
     """
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
+    from mva_lightning.assembly import build_policy as build_model
     from mva_lightning.model import lora
 
     values = run_values(cfg)
@@ -78,9 +77,7 @@ def build_policy(cfg, run_dir: str | os.PathLike):
             f"value vectors not found: {missing}; the run trains {values} and saves them to "
             "<run_dir>/adapters/<value>/ when training finishes"
         )
-    backbone = instantiate(cfg.model.loader)
-    lora_kw = OmegaConf.to_container(cfg.model.lora, resolve=True)
-    policy = lora.add_value_vectors(backbone.model, values, **lora_kw)
+    backbone, policy = build_model(cfg, values)
     for v, path in folders.items():
         lora.load_adapter_state_dict(policy, v, load_file(str(path)))
     policy.eval()

@@ -65,8 +65,9 @@ def test_reference_is_the_base_and_computed_once(setup):
     finally:
         hook.remove()
     assert first == 8 and second == 4  # the second candidate needs no reference forward
-    for v in VALUES:  # pi_w = pi_0 at w = 0: every implicit reward is exactly 0
-        assert base[v] == 0.0 and base[f"{v}/margin"] == 0.0
+    for v in VALUES:  # pi_w = pi_0 at w = 0: every implicit reward is exactly 0, a tie
+        assert base[v] == 0.5 and base[f"{v}/margin"] == 0.0  # a tie counts half: chance
+        assert base.per_item[v] == [0.5] * 6  # the 6 val pairs behind the score
     assert lora.get_weights(policy) == {"helpful": 0.0, "harmless": 0.0}
 
 

@@ -466,3 +466,31 @@ def test_callback_sends_metrics_table_plot_and_summary_to_the_loggers(policy, tm
     assert callback.metrics()["pareto/hypervolume"] == pytest.approx(0.52)
     assert trainer.callback_metrics == {}  # train() reads callback.metrics() instead
     assert ExtrapolationCallback(CANDIDATES, TableObjective()).metrics() == {}  # not run yet
+
+
+def test_every_score_carries_its_interval_and_the_base_is_chance(toy_data, tmp_path):
+    out = tmp_path / "run"
+    extra = ["extrapolation.candidates.values=[0.5,1.0]", "optimizer.lr=1e-3"]
+    metrics = train(compose(toy_overrides(toy_data, out, *extra)))
+    manifest = json.loads((out / "extrapolation" / "pareto.json").read_text())
+    assert manifest["bootstrap"] == {"resamples": 1000, "level": 0.95, "seed": 60}
+    base = manifest["base_scores"]
+    for v in ("helpful", "harmless"):
+        assert base[v] == 0.5 and base[f"{v}/ci"] == [0.5, 0.5]  # every margin 0: all ties
+        n = base[f"{v}/n"]
+        assert n >= 2 and base[f"test/{v}/n"] >= 2
+        for row in manifest["rows"]:
+            lo, hi = row[f"{v}/ci"]
+            assert 0.0 <= lo <= row[v] <= hi <= 1.0 and row[f"{v}/n"] == n
+            if row["on_front"]:
+                assert row[f"test/{v}/ci"][0] <= row[f"test/{v}"] <= row[f"test/{v}/ci"][1]
+        better = manifest["improvement"][v]
+        assert better["difference"] == pytest.approx(better["best"] - better["base"])
+        assert better["significant"] == (better["ci"][0] > 0 or better["ci"][1] < 0)
+    lo, hi = manifest["hypervolume_ci"]
+    assert lo <= hi and metrics["pareto/hypervolume_low"] == lo
+    header = (out / "extrapolation" / "pareto.csv").read_text().splitlines()[0]
+    assert "helpful/ci" in header and "harmless/n" in header
+    again = rerun(out, {"report_split": "test"})  # every score read back: the same intervals
+    assert again.scored == 0 and again.hypervolume_ci == manifest["hypervolume_ci"]
+    assert again.intervals[0]["helpful/ci"] == manifest["rows"][0]["helpful/ci"]

@@ -32,6 +32,8 @@ class ExtrapolationCallback(L.Callback):
         report_split: Also score the front on this split (``"test"``), or None.
         output_subdir: Folder under the run dir.
         progress: Show tqdm bars.
+        bootstrap: Interval settings (``resamples``, ``level``, ``seed``; see
+            :class:`~mva_lightning.sweep.bootstrap.Bootstrap`); None: the defaults.
     """
 
     def __init__(
@@ -43,7 +45,11 @@ class ExtrapolationCallback(L.Callback):
         report_split: str | None = "test",
         output_subdir: str = "extrapolation",
         progress: bool = True,
+        bootstrap: Mapping[str, Any] | None = None,
     ) -> None:
+        from mva_lightning.sweep.bootstrap import Bootstrap
+
+        self.bootstrap = Bootstrap(**(bootstrap or {}))  # bad settings fail here, before fit
         self.candidates, self.objective = candidates, objective
         self.reference_point, self.save, self.report_split = reference_point, save, report_split
         self.output_subdir, self.progress = output_subdir, progress
@@ -78,6 +84,7 @@ class ExtrapolationCallback(L.Callback):
             run_dir=run_dir,
             progress=self.progress,
             adapters=adapters,
+            bootstrap=self.bootstrap,
         )
         return self.result
 

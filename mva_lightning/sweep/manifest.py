@@ -27,6 +27,8 @@ from mva_lightning.sweep.candidates import round_weight
 if TYPE_CHECKING:
     from torch import nn
 
+    from mva_lightning.sweep.objectives import Scores
+
 MANIFEST = "pareto.json"
 
 
@@ -56,6 +58,13 @@ class ExtrapolationResult:
         skipped: Candidates whose scores were read back from disk.
         seconds: Wall time of the scoring loop (one-time preparation included).
         adapters: Adapters the weights apply to (columns ``w/{a}``); None: the values.
+        intervals: Per candidate, ``{v}/ci`` = [low, high] (the bootstrap interval of its
+            ``{v}`` score) and ``{v}/n`` (pairs or prompts behind it); empty without intervals.
+        hypervolume_ci: Bootstrap interval of the hypervolume (None without intervals).
+        bootstrap: The bootstrap's settings (resamples, level, seed), or None.
+        improvement: Per value, the front point with the best selection score against the base
+            on the report split: both scores, their paired difference and its interval, and
+            ``significant`` (the interval excludes 0).
     """
 
     values: list[str]
@@ -74,6 +83,10 @@ class ExtrapolationResult:
     skipped: int = 0
     seconds: float = 0.0
     adapters: list[str] | None = None
+    intervals: list[dict[str, Any]] = field(default_factory=list)
+    hypervolume_ci: list[float] | None = None
+    bootstrap: dict[str, Any] | None = None
+    improvement: dict[str, dict[str, Any]] | None = None
 
     @property
     def front_size(self) -> int:
@@ -91,6 +104,8 @@ class ExtrapolationResult:
             names = self.adapters or self.values
             row: dict[str, Any] = {f"w/{v}": x for v, x in zip(names, w, strict=True)}
             row.update(self.scores[i])
+            if self.intervals:
+                row.update(self.intervals[i])
             row.update(self.report[i])
             row["on_front"] = self.on_front[i]
             row["checkpoint"] = self.checkpoints[i] or ""
@@ -106,6 +121,8 @@ class ExtrapolationResult:
         }
         if self.candidates_per_s is not None:
             out["pareto/candidates_per_s"] = self.candidates_per_s
+        if self.hypervolume_ci is not None:
+            out["pareto/hypervolume_low"], out["pareto/hypervolume_high"] = self.hypervolume_ci
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -121,15 +138,18 @@ class ExtrapolationResult:
         values, split = list(data["values"]), data.get("report_split")
         names = data.get("adapters") or values
         prefix = f"{split}/" if split else None
-        weights, scores, report, on_front, checkpoints = [], [], [], [], []
+        weights, scores, report, on_front, checkpoints, intervals = [], [], [], [], [], []
         for row in data["rows"]:
             weights.append(tuple(float(row[f"w/{v}"]) for v in names))
             cols = {k: x for k, x in row.items() if not k.startswith("w/")}
             on_front.append(bool(cols.pop("on_front")))
             checkpoints.append(cols.pop("checkpoint") or None)
             report.append({k: x for k, x in cols.items() if prefix and k.startswith(prefix)})
-            scores.append({k: x for k, x in cols.items() if k not in report[-1]})
+            rest = {k: x for k, x in cols.items() if k not in report[-1]}
+            intervals.append({k: x for k, x in rest.items() if _is_interval(k)})
+            scores.append({k: x for k, x in rest.items() if not _is_interval(k)})
         summary = {k: data[k] for k in _SUMMARY}
+        optional = {k: data.get(k) for k in _OPTIONAL}  # absent from manifests before intervals
         return cls(
             weights=weights,
             scores=scores,
@@ -137,11 +157,20 @@ class ExtrapolationResult:
             checkpoints=checkpoints,
             report=report,
             adapters=data.get("adapters"),
+            intervals=intervals if any(intervals) else [],
             **summary,
+            **optional,
         )
 
 
-_PER_ROW = ("weights", "scores", "on_front", "checkpoints", "report")
+_PER_ROW = ("weights", "scores", "on_front", "checkpoints", "report", "intervals")
+_OPTIONAL = ("hypervolume_ci", "bootstrap", "improvement")
+
+
+def _is_interval(column: str) -> bool:
+    return column.endswith(("/ci", "/n"))
+
+
 _SUMMARY = (
     "values",
     "base_scores",
@@ -176,8 +205,13 @@ def read_manifest(path: str | os.PathLike) -> ExtrapolationResult:
     return ExtrapolationResult.from_json(json.loads(path.read_text()))
 
 
-def read_scores(cache: Path, w: Sequence[float], values: Sequence[str]) -> dict[str, float] | None:
-    """The cached scores of ``w`` in the cache folder ``cache``, or None to score it."""
+def read_scores(cache: Path, w: Sequence[float], values: Sequence[str]) -> Scores | None:
+    """The cached scores of ``w`` in the cache folder ``cache``, or None to score it.
+
+    An entry without per-item scores (written before the sweep had intervals) is scored again.
+    """
+    from mva_lightning.sweep.objectives import Scores
+
     path = cache / f"{w_label(w)}.json"
     if not path.is_file():
         return None
@@ -187,14 +221,20 @@ def read_scores(cache: Path, w: Sequence[float], values: Sequence[str]) -> dict[
         return None  # written atomically, so this is foreign; score again
     if data.get("values") != list(values) or tuple(data.get("w", ())) != tuple(w):
         return None
-    return {k: float(v) for k, v in data["scores"].items()}
+    if "per_item" not in data:
+        return None
+    return Scores({k: float(v) for k, v in data["scores"].items()}, data["per_item"])
 
 
 def write_scores(
     cache: Path, w: Sequence[float], values: Sequence[str], scores: Mapping[str, float]
 ) -> None:
-    """Cache the scores of ``w`` (read back by :func:`read_scores`)."""
-    write_json(cache / f"{w_label(w)}.json", {"w": list(w), "values": values, "scores": scores})
+    """Cache the scores of ``w`` and their per-item scores (read back by :func:`read_scores`)."""
+    per_item = getattr(scores, "per_item", {})
+    write_json(
+        cache / f"{w_label(w)}.json",
+        {"w": list(w), "values": values, "scores": dict(scores), "per_item": per_item},
+    )
 
 
 def save_checkpoints(

@@ -8,10 +8,14 @@ scores several preference vectors at once: both built-in objectives run up to
 its own combination of value vectors (:func:`mva_lightning.model.lora.using_row_weights`).
 The sweep over preference vectors that uses them is :func:`mva_lightning.sweep.sweep.extrapolate`.
 
+Scores come as :class:`Scores`: the columns, and per value the per-pair or per-prompt scores
+its column averages (what :mod:`mva_lightning.sweep.bootstrap` resamples for intervals).
+
 - :class:`ImplicitReward` (docs/method.md §5a): on held-out pairs of value v, the DPO implicit
-  reward r = beta * (log pi_w(y|x) - log pi_0(y|x)); score = accuracy P(r_chosen > r_rejected),
-  extra column ``v/margin`` = mean(r_chosen - r_rejected). No generation; the reference
-  log-probs are computed once per (value, split) and reused for every candidate.
+  reward r = beta * (log pi_w(y|x) - log pi_0(y|x)); score = accuracy, a pair counting 1 when
+  r_chosen > r_rejected and 1/2 on a tie (so the base, whose margins are all 0, scores 0.5:
+  chance), extra column ``v/margin`` = mean(r_chosen - r_rejected). No generation; the
+  reference log-probs are computed once per (value, split) and reused for every candidate.
 - :class:`GenerationScore` (docs/method.md §5b, the paper's metric): one shared prompt set, one
   batched generation for a batch of candidates, each value's scorer applied to (prompt,
   continuation).
@@ -34,11 +38,34 @@ from mva_lightning.scorers.base import Scorer, ScorerError, check_scores
 from mva_lightning.training.reference import PairCache, as_logps, reference_rows
 
 
+class Scores(dict):
+    """Column -> score (a plain dict, every column maximised), and :attr:`per_item`: value ->
+    the per-pair or per-prompt scores whose mean is its column (empty: no intervals)."""
+
+    def __init__(
+        self,
+        columns: Mapping[str, float] | None = None,
+        per_item: Mapping[str, Sequence[float]] | None = None,
+    ) -> None:
+        super().__init__(columns or {})
+        self.per_item = {v: [float(x) for x in s] for v, s in (per_item or {}).items()}
+
+
+def pair_credit(margins: torch.Tensor) -> torch.Tensor:
+    """Per-pair accuracy credit: 1 if the margin is > 0, 1/2 on a tie (0), else 0."""
+    return (margins > 0).float() + 0.5 * (margins == 0).float()
+
+
 class Objective:
-    """Scores a policy for every value; subclasses override :meth:`score` and the settings."""
+    """Scores a policy for every value; subclasses override :meth:`score` and the settings.
+
+    ``shared_items``: every value's score averages over the same items (one prompt set scored
+    by each value's scorer), so a bootstrap resamples them together.
+    """
 
     split: str = "val"
     candidates_per_forward: int = 1
+    shared_items: bool = False
 
     def settings(self) -> dict[str, Any]:
         """JSON-able settings that change the scores (part of the result-cache fingerprint)."""
@@ -129,7 +156,12 @@ class ImplicitReward(Objective):
         self._reference = PairCache()
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "beta": self.beta, "max_pairs": self.max_pairs}
+        return {
+            **super().settings(),
+            "beta": self.beta,
+            "max_pairs": self.max_pairs,
+            "ties": "half",  # a tie counts 1/2 (the base scores 0.5)
+        }
 
     def for_split(self, split: str) -> ImplicitReward:
         return ImplicitReward(
@@ -192,7 +224,7 @@ class ImplicitReward(Objective):
     ) -> list[dict[str, float]]:
         """Scores of many preference vectors, their pairs stacked into one forward per batch."""
         self.prepare(policy, datamodule, values)
-        out: list[dict[str, float]] = [{} for _ in weights]
+        out = [Scores() for _ in weights]
         with _eval_mode(policy), torch.no_grad():
             for v in values:
                 key = (id(datamodule), v)
@@ -201,8 +233,10 @@ class ImplicitReward(Objective):
                     for batch in self._batches[key]
                 ]
                 for row, margin in zip(out, torch.cat(margins, dim=1), strict=True):
-                    row[v] = float((margin > 0).float().mean())
+                    credit = pair_credit(margin)  # (N,) 1, 1/2 or 0 per pair
+                    row[v] = float(credit.mean())
                     row[f"{v}/margin"] = float(margin.mean())
+                    row.per_item[v] = credit.tolist()
         return out
 
     def _reference_logps(self, key: tuple[int, str], batch: dict) -> torch.Tensor:
@@ -312,6 +346,8 @@ class GenerationScore(Objective):
         )
         self.chat_template, self.max_prompt_length = chat_template, max_prompt_length
 
+    shared_items = True  # every value's scorer reads the same prompts
+
     @property
     def candidates_per_forward(self) -> int:
         return 1 if self.generation["do_sample"] else self._per_forward
@@ -399,7 +435,7 @@ class GenerationScore(Objective):
             prompt_weights=per_prompt,
             **settings,
         )
-        out: list[dict[str, float]] = [{} for _ in range(c)]
+        out = [Scores() for _ in range(c)]
         for v in values:
             scorer, name = self.scorers[v], _scorer_name(self.scorers[v])
             try:  # one call for every candidate's responses
@@ -414,6 +450,7 @@ class GenerationScore(Objective):
                 mean = sum(block) / n
                 row[v] = mean
                 row[f"{v}/std"] = math.sqrt(sum((s - mean) ** 2 for s in block) / n)
+                row.per_item[v] = list(block)  # one score per prompt
         return out
 
 

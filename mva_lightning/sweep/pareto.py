@@ -91,6 +91,8 @@ def plot_front(
     title: str | None = None,
     reference: Sequence[float] | None = None,
     extra_fronts: dict[str, np.ndarray] | None = None,
+    intervals: np.ndarray | None = None,
+    base: Sequence[float] | None = None,
 ) -> Path:
     """Draw candidates and their Pareto front to a PNG, written atomically.
 
@@ -108,6 +110,9 @@ def plot_front(
         reference: ``(k,)`` hypervolume reference point to mark.
         extra_fronts: Other methods' ``(m, k)`` scores by method name, drawn in other colours
             with a legend (baseline comparison).
+        intervals: ``(n, k, 2)`` [low, high] per candidate and objective, drawn as error bars
+            on the front points.
+        base: ``(k,)`` scores of the base model (w = 0), drawn as its own point.
 
     Returns:
         The written path.
@@ -140,6 +145,11 @@ def plot_front(
         if pts.shape[1] != k:
             raise ValueError(f"extra_fronts[{name!r}] has {pts.shape[1]} objectives, expected {k}")
 
+    ci = None if intervals is None else np.asarray(intervals, dtype=float)
+    if ci is not None and ci.shape != (n, k, 2):
+        raise ValueError(f"intervals must have shape ({n}, {k}, 2), got {ci.shape}")
+    base_pt = None if base is None else np.asarray(base, dtype=float).reshape(-1)
+
     pairs = list(itertools.combinations(range(k), 2))
     ncols = min(3, len(pairs))
     nrows = math.ceil(len(pairs) / ncols)
@@ -166,6 +176,24 @@ def plot_front(
             ax.scatter(pts[:, i], pts[:, j], s=24, c=colour, marker="^", zorder=3, label=name)
             if k == 2 and len(pts):
                 _step_line(ax, pts[pareto_mask(pts)], colour)
+        if ci is not None and mask.any():
+            front, lo, hi = arr[mask], ci[mask, :, 0], ci[mask, :, 1]
+            ax.errorbar(
+                front[:, i],
+                front[:, j],
+                xerr=[front[:, i] - lo[:, i], hi[:, i] - front[:, i]],
+                yerr=[front[:, j] - lo[:, j], hi[:, j] - front[:, j]],
+                fmt="none",
+                ecolor="C0",
+                alpha=0.45,
+                lw=0.9,
+                zorder=2,
+                label="95 % interval",
+            )
+        if base_pt is not None:
+            ax.scatter(
+                [base_pt[i]], [base_pt[j]], s=50, c="C3", marker="s", zorder=4, label="base (w = 0)"
+            )
         if ref is not None:
             ax.scatter([ref[i]], [ref[j]], s=60, c="k", marker="x", zorder=4, label="reference")
         ax.set_xlabel(f"{names[i]} (higher is better)")

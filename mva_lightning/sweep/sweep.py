@@ -21,6 +21,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,9 @@ from torch import nn
 
 from mva_lightning.io import fingerprint
 from mva_lightning.model import lora
+from mva_lightning.sweep import bootstrap as bootstrap_mod
 from mva_lightning.sweep import pareto
+from mva_lightning.sweep.bootstrap import Bootstrap
 from mva_lightning.sweep.candidates import candidate_set
 from mva_lightning.sweep.manifest import (
     ExtrapolationResult,
@@ -39,7 +42,7 @@ from mva_lightning.sweep.manifest import (
     write_manifest,
     write_scores,
 )
-from mva_lightning.sweep.objectives import Objective
+from mva_lightning.sweep.objectives import Objective, Scores
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,7 @@ def extrapolate(
     run_dir: str | os.PathLike | None = None,
     progress: bool = True,
     adapters: Sequence[str] | None = None,
+    bootstrap: Bootstrap | Mapping | None = None,
 ) -> ExtrapolationResult:
     """Score candidates, select the Pareto front, save its checkpoints and the manifest.
 
@@ -129,6 +133,9 @@ def extrapolate(
         progress: Show tqdm bars.
         adapters: The adapters w weights, when they are not the values themselves (a
             baseline's one shared adapter: candidates ``[[1.0]]``); scores stay per value.
+        bootstrap: Interval settings (:class:`Bootstrap` or its fields; None: the defaults).
+            Every score gets an interval over the pairs or prompts behind it, and the
+            hypervolume one from the same resamples (candidates and base rescored together).
 
     Returns:
         The :class:`ExtrapolationResult` (also in ``out_dir/pareto.json``).
@@ -137,6 +144,7 @@ def extrapolate(
         ValueError / KeyError: On bad input, before any work (see :func:`check`).
     """
     values = list(values)
+    boot = bootstrap if isinstance(bootstrap, Bootstrap) else Bootstrap(**(bootstrap or {}))
     weights, ref, report_objective = check(
         policy,
         datamodule,
@@ -165,8 +173,19 @@ def extrapolate(
     base = by_w[zero]
     ref = ref if ref is not None else [base[v] for v in values]
     hv = pareto.hypervolume(matrix[mask], ref)
+    fixed_ref = None if reference_point == "base" else ref
+    rows = [zero, *weights]  # row 0: the base
+    res = _resample(by_w, rows, values, boot, objective.shared_items)
+    intervals: list[dict] = []
+    hv_ci = None
+    if res is not None:
+        per_row = _intervals(res, values, boot, by_w, rows)
+        base = {**base, **per_row[0]}
+        intervals = per_row[1:]
+        hv_ci = boot.interval(bootstrap_mod.hypervolumes(res, range(1, len(rows)), fixed_ref))
 
     report: list[dict[str, float]] = [{} for _ in weights]
+    improvement = None
     if report_objective is not None:
         # The base (w = 0) is scored on the report split too: the honest comparison there.
         front = [zero, *(w for w, m in zip(weights, mask, strict=True) if m and w != zero)]
@@ -182,10 +201,18 @@ def extrapolate(
             names,
         )
         split = report_objective.split
-        base = {**base, **{f"{split}/{k}": s for k, s in got[zero].items()}}
+        res_report = _resample(got, front, values, boot, report_objective.shared_items)
+        extra = {w: {} for w in front}
+        if res_report is not None:
+            for w, cols in zip(
+                front, _intervals(res_report, values, boot, got, front), strict=True
+            ):
+                extra[w] = cols
+            improvement = _improvement(res_report, front, values, by_w, got, boot)
+        base = {**base, **{f"{split}/{k}": s for k, s in {**got[zero], **extra[zero]}.items()}}
         for i, w in enumerate(weights):
             if w in got:
-                report[i] = {f"{split}/{k}": s for k, s in got[w].items()}
+                report[i] = {f"{split}/{k}": s for k, s in {**got[w], **extra[w]}.items()}
 
     keep = [bool(m) for m in mask] if save == "front" else [True] * len(weights)
     checkpoints = save_checkpoints(
@@ -208,17 +235,26 @@ def extrapolate(
         skipped=skipped,
         seconds=seconds,
         adapters=names if names != values else None,
+        intervals=intervals,
+        hypervolume_ci=hv_ci,
+        bootstrap=asdict(boot) if res is not None else None,
+        improvement=improvement,
     )
     write_manifest(out_dir, result)
     if len(values) >= 2:
+        hv_text = f"HV={hv:.4g}" + (f" [{hv_ci[0]:.3g}, {hv_ci[1]:.3g}]" if hv_ci else "")
         pareto.plot_front(
             matrix,
             values,
             mask,
             [w_label(w)[2:].replace("_", ",") for w in weights],
             out_dir / "pareto.png",
-            title=f"{type(objective).__name__} on {objective.split}: HV={hv:.4g}",
+            title=f"{type(objective).__name__} on {objective.split}: {hv_text}",
             reference=ref,
+            intervals=np.array([[c[f"{v}/ci"] for v in values] for c in intervals])
+            if intervals
+            else None,
+            base=[base[v] for v in values],
         )
     log.info(
         "extrapolation: %d candidates (%d scored, %d cached), front %d, hypervolume %.4g",
@@ -229,6 +265,51 @@ def extrapolate(
         hv,
     )
     return result
+
+
+def _resample(by_w, rows, values, boot: Bootstrap, shared: bool):
+    """(B, C, K) resampled scores of ``rows`` (row 0: the base), or None without intervals
+    (no resamples, or an objective that gives no per-item scores)."""
+    have = all(v in getattr(by_w[w], "per_item", {}) for w in rows for v in values)
+    if boot.resamples == 0 or not have:
+        return None
+    items = {v: np.array([by_w[w].per_item[v] for w in rows]) for v in values}  # (C, n_v)
+    counts = boot.counts({v: items[v].shape[1] for v in values}, shared)
+    return bootstrap_mod.resampled_scores(items, counts, values)
+
+
+def _intervals(res, values, boot: Bootstrap, by_w, rows) -> list[dict]:
+    """Per row, ``{v}/ci`` and ``{v}/n`` columns."""
+    ci = boot.interval(np.moveaxis(res, 0, -1))  # (C, K, 2)
+    n = {v: len(by_w[rows[0]].per_item[v]) for v in values}
+    return [
+        {k: x for j, v in enumerate(values) for k, x in ((f"{v}/ci", ci[i][j]), (f"{v}/n", n[v]))}
+        for i in range(len(rows))
+    ]
+
+
+def _improvement(res, front, values, selection, report, boot: Bootstrap) -> dict:
+    """Per value: the front point with the best selection score vs the base on the report split.
+
+    The difference is paired (both rescored on the same resampled items); ``significant`` when
+    its interval excludes 0.
+    """
+    out = {}
+    for k, v in enumerate(values):
+        if len(front) < 2:
+            break
+        best = max(range(1, len(front)), key=lambda i: selection[front[i]][v])
+        diff = res[:, best, k] - res[:, 0, k]  # (B,)
+        ci = boot.interval(diff)
+        out[v] = {
+            "w": list(front[best]),
+            "base": report[front[0]][v],
+            "best": report[front[best]][v],
+            "difference": report[front[best]][v] - report[front[0]][v],
+            "ci": ci,
+            "significant": bool(ci[0] > 0 or ci[1] < 0),
+        }
+    return out
 
 
 def _score_all(policy, datamodule, values, objective, todo, out_dir, adapters, progress, names):
@@ -266,7 +347,9 @@ def _score_all(policy, datamodule, values, objective, todo, out_dir, adapters, p
                 prefs = [lora.preference_dict(names, w) for w in group]
                 results = objective.score_many(policy, datamodule, values, prefs)
                 for w, result in zip(group, results, strict=True):
-                    scores = {k: float(s) for k, s in result.items()}
+                    scores = Scores(
+                        {k: float(s) for k, s in result.items()}, getattr(result, "per_item", {})
+                    )
                     missing = [v for v in values if v not in scores]
                     bad = [k for k, s in scores.items() if not math.isfinite(s)]
                     if missing or bad:
