@@ -89,6 +89,7 @@ METHODS = every_method()
 # `override /mi` would otherwise win over the method's (experiments are applied last).
 MI = {m: "none" for m in METHODS} | {"mva": "hsic", "mva_no_extrapolation": "hsic"}
 MI["mva_orthogonal"] = "orthogonal"
+RESAMPLES = 1000  # bootstrap resamples of the held-out items per seed (paired across methods)
 SWEEP = [[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]]  # DPO-LW and MODPO: one run per w (K = 2)
 # Methods whose training is another method's, with other candidates: the trained run is reused
 # and only its sweep is rerun (`python -m mva_lightning.sweep`) into its own folder.
@@ -231,6 +232,45 @@ def run_points(
     return points, data["base_scores"], values
 
 
+def run_items(run_dir: Path, subdir: str = "extrapolation") -> tuple[list, dict | None, bool]:
+    """Per-item scores (pairs or prompts) of every candidate of a run's sweep, the base's, and
+    whether the values share their items (one prompt set): what paired intervals resample."""
+    from mva_lightning.sweep.manifest import read_manifest, read_per_item
+
+    rows, base = read_per_item(run_dir / subdir)
+    shared = read_manifest(run_dir / subdir).objective.get("objective") == "GenerationScore"
+    per_item = [r.per_item if r is not None else None for r in rows]
+    return per_item, (base.per_item if base is not None else None), shared
+
+
+def resampled_hypervolumes(
+    items: dict[str, list[dict[str, list[float]]]],
+    base: dict[str, list[float]],
+    values: list[str],
+    shared: bool,
+    seed: int,
+    resamples: int = RESAMPLES,
+) -> dict[str, list[float]]:
+    """Per method, its hypervolume in each of ``resamples`` resamples of the held-out items.
+
+    Every method and the base are rescored on the same resamples (the same prompts or pairs),
+    so differences between methods are paired; the reference point of each resample is the
+    base's score on it.
+    """
+    import numpy as np
+
+    from mva_lightning.sweep.bootstrap import Bootstrap, hypervolumes, resampled_scores
+
+    boot = Bootstrap(resamples=resamples, seed=seed)
+    counts = boot.counts({v: len(base[v]) for v in values}, shared)
+    out = {}
+    for method, cands in items.items():
+        table = {v: np.array([base[v], *(c[v] for c in cands)]) for v in values}
+        scores = resampled_scores(table, counts, values)  # (B, 1 + C, K), row 0 the base
+        out[method] = hypervolumes(scores, range(1, len(cands) + 1)).tolist()
+    return out
+
+
 def compare_seed(
     setting: str,
     seed: int,
@@ -252,9 +292,12 @@ def compare_seed(
     out: dict[str, dict] = {}
     base: dict[str, float] | None = None
     names: list[str] = []
+    items: dict[str, list] = {}  # method -> per candidate, value -> per-item scores
+    base_items, shared = None, False
     compute = 0.0  # this seed's CPU time: every trained run and re-sweep once
     for method in order:
         points, seconds, runs = [], 0.0, 0
+        items[method] = []
         for name, extra in method_runs(method, root, num_values):
             overrides = [
                 *common,
@@ -284,6 +327,9 @@ def compare_seed(
                 compute += run_seconds(run_dir)
             got, run_base, names = run_points(run_dir, subdir)
             points += got
+            per_item, run_base_items, shared = run_items(run_dir, subdir)
+            items[method] += per_item
+            base_items = base_items or run_base_items
             if base is None:
                 base = run_base
             elif any(abs(base[v] - run_base[v]) > 1e-6 for v in names):
@@ -292,6 +338,11 @@ def compare_seed(
         out[method] |= {"runs": runs, "seconds": seconds, "trained_with": SAME_TRAINING.get(method)}
     assert base is not None
     reference = [base[v] for v in names]
+    complete = base_items is not None and all(c is not None for m in items for c in items[m])
+    if complete:  # paired resamples: every method on the same held-out items
+        kept = {m: items[m] for m in methods}
+        for m, hvs in resampled_hypervolumes(kept, base_items, names, shared, seed).items():
+            out[m]["hypervolume_resamples"] = hvs
     return {"seed": seed, "values": names, "reference": reference, "compute_s": compute, **out}
 
 
@@ -364,9 +415,12 @@ def _compose(overrides: list[str]):
 
 
 def summarise(per_seed: list[dict], methods: list[str]) -> list[dict]:
-    """One table row per method: mean and std over seeds."""
+    """One table row per method: mean and std over seeds, and with paired resamples the
+    hypervolume's mean and 95 % interval over seeds x resamples and, against MVA, the paired
+    difference (MVA minus the method), its interval and the share of resamples MVA wins."""
     values = per_seed[0]["values"]
     rows = []
+    paired = all("hypervolume_resamples" in s[m] for s in per_seed for m in methods)
     for m in methods:
         row: dict = {"method": m, "trained_with": per_seed[0][m].get("trained_with")}
         series = {
@@ -378,8 +432,31 @@ def summarise(per_seed: list[dict], methods: list[str]) -> list[dict]:
         for key, xs in series.items():
             row[f"{key}_mean"] = statistics.fmean(xs)
             row[f"{key}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        if paired:
+            row.update(_paired(per_seed, m, "mva" if "mva" in methods else None))
         rows.append(row)
     return rows
+
+
+def _paired(per_seed: list[dict], method: str, against: str | None) -> dict:
+    import numpy as np
+
+    from mva_lightning.sweep.bootstrap import Bootstrap
+
+    boot = Bootstrap()
+    hv = np.concatenate([s[method]["hypervolume_resamples"] for s in per_seed])
+    out = {"hypervolume_resampled_mean": float(hv.mean()), "hypervolume_ci": boot.interval(hv)}
+    if against is None or against == method:
+        return out
+    mva = np.concatenate([s[against]["hypervolume_resamples"] for s in per_seed])
+    diff = mva - hv  # paired: the same seed and resample for both
+    ci = boot.interval(diff)
+    return out | {
+        "mva_minus_this_mean": float(diff.mean()),
+        "mva_minus_this_ci": ci,
+        "mva_wins_share": float((diff > 0).mean() + 0.5 * (diff == 0).mean()),
+        "significant": bool(ci[0] > 0 or ci[1] < 0),
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -445,6 +522,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     wall = time.perf_counter() - start
     rows = summarise(per_seed, args.methods)
+    for seed in per_seed:  # the resamples are summarised in the table; not written out
+        for m in args.methods:
+            seed[m].pop("hypervolume_resamples", None)
     stem = args.out / args.setting
     write_json(
         stem.with_suffix(".json"),
@@ -479,12 +559,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _print(rows: list[dict], values: list[str], wall: float, compute: float) -> None:
-    head = ["method", "HV", *(f"best {v}" for v in values), "runs", "seconds"]
+    head = ["method", "HV (seeds)", "HV [95 % CI]", "MVA - this [95 % CI]", "MVA wins"]
+    head += [*(f"best {v}" for v in values), "runs", "seconds"]
     print(" | ".join(head))
     for r in rows:
+        ci = r.get("hypervolume_ci")
+        diff = r.get("mva_minus_this_ci")
+        verdict = ("" if r.get("significant") else " (no detectable difference)") if diff else ""
         cells = [
             r["method"],
             f"{r['hypervolume_mean']:.4f} ± {r['hypervolume_std']:.4f}",
+            f"{r['hypervolume_resampled_mean']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "",
+            f"{r['mva_minus_this_mean']:+.4f} [{diff[0]:+.4f}, {diff[1]:+.4f}]{verdict}"
+            if diff
+            else "",
+            f"{r['mva_wins_share']:.2f}" if diff else "",
             *(f"{r[f'best/{v}_mean']:.3f} ± {r[f'best/{v}_std']:.3f}" for v in values),
             f"{r['runs_mean']:.0f}",
             f"{r['seconds_mean']:.1f}",

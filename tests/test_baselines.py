@@ -224,6 +224,9 @@ def test_soup_reuses_the_no_mi_training_with_simplex_candidates(compare, tmp_pat
         for v in values:
             assert r[v] == pytest.approx(shared[w(r)][v], abs=1e-6)
     assert (tmp_path / "out" / "tiny_seed0.png").is_file()
+    for r in rows:  # paired resamples of the held-out pairs: an interval for every method
+        lo, hi = r["hypervolume_ci"]
+        assert lo <= r["hypervolume_resampled_mean"] <= hi
     # A rerun reuses the finished runs (an interrupted comparison resumes) and gives the table.
     adapters = pareto_json / "adapters"
     mtime = max(f.stat().st_mtime for f in adapters.rglob("*") if f.is_file())
@@ -239,6 +242,27 @@ def test_soup_reuses_the_no_mi_training_with_simplex_candidates(compare, tmp_pat
     assert compare.finished(pareto_json, cfg)
     cfg.data.loader.bucket_by_length = not cfg.data.loader.bucket_by_length
     assert not compare.finished(pareto_json, cfg)
+
+
+def test_paired_difference_of_identical_methods_is_zero_and_a_coin_flip(compare):
+    base = {"a": [0.5] * 6, "b": [0.5] * 6}
+    cand = [{"a": [1, 0, 1, 1, 0.5, 1], "b": [0, 1, 0.5, 1, 1, 0]}]
+    hvs = compare.resampled_hypervolumes(
+        {"mva": cand, "soup": list(cand)}, base, ["a", "b"], False, seed=0, resamples=200
+    )
+    assert hvs["mva"] == hvs["soup"] and len(hvs["mva"]) == 200
+    per_seed = [{"values": ["a", "b"], **{m: {"hypervolume_resamples": hvs[m]} for m in hvs}}]
+    paired = compare._paired(per_seed, "soup", "mva")
+    assert paired["mva_minus_this_ci"] == [0.0, 0.0] and paired["mva_minus_this_mean"] == 0.0
+    assert paired["mva_wins_share"] == 0.5 and not paired["significant"]
+    better = [{"a": [1.0] * 6, "b": [1.0] * 6}]  # dominates everything on every resample
+    hvs = compare.resampled_hypervolumes(
+        {"mva": better, "soup": cand}, base, ["a", "b"], False, seed=0, resamples=200
+    )
+    per_seed = [{"values": ["a", "b"], **{m: {"hypervolume_resamples": hvs[m]} for m in hvs}}]
+    paired = compare._paired(per_seed, "soup", "mva")
+    assert paired["significant"] and paired["mva_minus_this_ci"][0] > 0
+    assert paired["mva_wins_share"] == 1.0
 
 
 def test_values_outside_the_embedded_setting_is_a_clear_error(compare):

@@ -292,3 +292,21 @@ def save_checkpoints(
             if old.name not in wanted and (old / "preference.json").is_file():
                 shutil.rmtree(old, ignore_errors=True)
     return paths
+
+
+def read_per_item(path: str | os.PathLike) -> tuple[list[Scores | None], Scores | None]:
+    """The cached per-item scores behind a saved sweep: per manifest row, and the base's.
+
+    Args:
+        path: The sweep's folder (or its ``pareto.json``).
+
+    Returns:
+        ``(rows, base)``; an entry is None where the cache holds no per-item scores (a sweep
+        from before intervals, or a deleted cache).
+    """
+    result = read_manifest(path)
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    cache = folder / "scores" / result.fingerprint
+    names = result.adapters or result.values
+    rows = [read_scores(cache, w, result.values) for w in result.weights]
+    return rows, read_scores(cache, (0.0,) * len(names), result.values)
