@@ -191,6 +191,21 @@ def test_non_json_line(tmp_path):
         hh_rlhf(files=[path])
 
 
+def test_a_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    rows = ['{"prompt": "p", "chosen": "a", "rejected": "b"}', '{"prompt": "q", "x": 1}']
+    path.write_bytes("\ufeff".encode() + "\n".join(rows).encode())  # as Windows editors save
+    assert [obj for _, obj in read_jsonl(path)][0] == {
+        "prompt": "p",
+        "chosen": "a",
+        "rejected": "b",
+    }
+    inner = tmp_path / "inner.jsonl"  # a byte-order mark inside the file is still an error
+    inner.write_bytes(rows[0].encode() + b"\n" + "\ufeff".encode() + rows[1].encode())
+    with pytest.raises(DataError, match=r"inner\.jsonl, line 2: not valid JSON"):
+        list(read_jsonl(inner))
+
+
 def test_non_object_line(tmp_path):
     path = _write(tmp_path / "x.jsonl", ["[1, 2]"])
     with pytest.raises(DataError, match=r"x\.jsonl, line 1: expected a JSON object, got list"):

@@ -90,7 +90,8 @@ def _read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 try:
-                    line = raw.decode("utf-8").strip()
+                    # utf-8-sig: a file saved with a byte-order mark reads like any other
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}, line {lineno}: not valid UTF-8 ({e})") from e
                 if not line:
