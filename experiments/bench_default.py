@@ -51,12 +51,12 @@ def main() -> None:
         sweep = n / cps
         rows[-1] = {
             **rows[-1],
-            "stage": "diagnostics",
+            "stage": "diagnostics, front on test, checkpoints",
             "seconds": round(rows[-1]["seconds"] - sweep, 3),
         }
         rows.append(
             {
-                "stage": "sweep",
+                "stage": "sweep: candidates on val",
                 "seconds": round(sweep, 3),
                 "peak_rss_mb": rows[-1]["peak_rss_mb"],
             }
