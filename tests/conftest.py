@@ -144,3 +144,63 @@ def make_datamodule(tokenizer, values=VALUES, n_val=6, n_test=4):
     return PreferenceDataModule(
         splits, tokenizer, eval_batch_size=4, max_length=48, max_prompt_length=24
     )
+
+
+# ----------------------------------------------------------------- the module on a tiny model
+@pytest.fixture(scope="module")
+def base():
+    """A random-init 2-layer Llama with a byte tokenizer (shared, never trained: deep-copy it)."""
+    from mva_lightning.model.backbones import tiny_llama
+
+    return tiny_llama(seed=3)
+
+
+def toy_pairs(good: str, bad: str, n: int = 16):
+    """n toy pairs whose chosen response is ``good`` (numbered) and rejected one ``bad``."""
+    from mva_lightning.data.sources import PreferencePair
+
+    return [
+        PreferencePair(f"\n\nHuman: item {i}?\n\nAssistant:", f"{good} {i}", bad) for i in range(n)
+    ]
+
+
+def tiny_module(base, r: int = 4, max_length: int = 64, max_prompt_length: int = 32, lr=1e-2, **kw):
+    """(MVAModule, PreferenceDataModule): helpful (long answers) and harmless (refusals) value
+    vectors of rank ``r`` on a copy of ``base``; ``kw`` goes to :class:`MVAModule`."""
+    import copy
+
+    from mva_lightning.data.datamodule import PreferenceDataModule
+    from mva_lightning.data.sources import split_pairs
+    from mva_lightning.model import lora
+    from mva_lightning.training.module import MVAModule
+
+    values = ["helpful", "harmless"]
+    policy = lora.add_value_vectors(copy.deepcopy(base.model), values, r=r, lora_alpha=8)
+    splits = {
+        "helpful": split_pairs(toy_pairs("a long helpful answer", "no"), 0.1, 0.1, 0),
+        "harmless": split_pairs(toy_pairs("I refuse", "sure thing"), 0.1, 0.1, 0),
+    }
+    dm = PreferenceDataModule(
+        splits,
+        base.tokenizer,
+        batch_size=4,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+    )
+    module = MVAModule(policy, values, optimizer=lambda p: torch.optim.AdamW(p, lr=lr), **kw)
+    return module, dm
+
+
+def quiet_trainer(**kw):
+    """A CPU ``lightning.Trainer`` without logger, checkpoints, bars or summary; ``kw`` wins."""
+    import lightning as L
+
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "max_epochs": 1,
+    }
+    return L.Trainer(**{**defaults, **kw})

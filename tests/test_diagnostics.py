@@ -15,23 +15,9 @@ from safetensors.torch import load_file
 from mva_lightning.diagnostics import interference
 from mva_lightning.diagnostics.callback import InterferenceDiagnostics, wandb_payload
 from mva_lightning.model import lora
-from mva_lightning.model.backbones import tiny_llama
 from mva_lightning.train import train
 
 VALUES = ["x", "y", "z"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def base():
-    return tiny_llama(seed=3)
 
 
 @pytest.fixture

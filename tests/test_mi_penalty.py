@@ -9,76 +9,36 @@ import logging
 import lightning as L
 import pytest
 import torch
-from conftest import compose, toy_overrides
+from conftest import compose, quiet_trainer, tiny_module, toy_overrides
 
 from mva_lightning.assembly import ConfigError, build, check_config, load_value_splits
-from mva_lightning.data.datamodule import PreferenceDataModule
-from mva_lightning.data.sources import PreferencePair, split_pairs
 from mva_lightning.mi import HSIC, MINE, Orthogonal
 from mva_lightning.model import lora
-from mva_lightning.model.backbones import tiny_llama
 from mva_lightning.train import train
 from mva_lightning.training.mi_penalty import is_enabled
-from mva_lightning.training.module import MVAModule
 
 VALUES = ["helpful", "harmless"]
 R = 4
 PAIR_KEY = "harmless__helpful"  # MINE head of the pair (harmless trainable, helpful frozen)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model steps faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def base():
-    return tiny_llama(seed=3)
-
-
-def _pairs(good, bad, n=16):
-    return [
-        PreferencePair(f"\n\nHuman: item {i}?\n\nAssistant:", f"{good} {i}", bad) for i in range(n)
-    ]
-
-
 def _setup(base, mi, alpha=1.0, schedule="sequential", lr=1e-2, steps_per_stage=-1):
-    policy = lora.add_value_vectors(copy.deepcopy(base.model), VALUES, r=R, lora_alpha=8)
-    splits = {
-        "helpful": split_pairs(_pairs("a long helpful answer", "no"), 0.1, 0.1, 0),
-        "harmless": split_pairs(_pairs("I refuse", "sure thing"), 0.1, 0.1, 0),
-    }
-    dm = PreferenceDataModule(
-        splits, base.tokenizer, batch_size=4, max_length=48, max_prompt_length=24
-    )
-    module = MVAModule(
-        policy,
-        VALUES,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
+    return tiny_module(
+        base,
+        r=R,
+        max_length=48,
+        max_prompt_length=24,
+        lr=lr,
         alpha=alpha,
         mi=mi,
         schedule=schedule,
         mi_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
         steps_per_stage=steps_per_stage,
     )
-    return module, dm
 
 
 def _trainer(**kw):
-    defaults = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "max_epochs": 1,
-        "limit_val_batches": 0,
-    }
-    return L.Trainer(**{**defaults, **kw})
+    return quiet_trainer(**{"limit_val_batches": 0, **kw})
 
 
 # ------------------------------------------------------------------- MINE head: save/restore

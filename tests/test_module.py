@@ -6,60 +6,22 @@ import math
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer, tiny_module
 
 from mva_lightning.data.datamodule import PreferenceDataModule
 from mva_lightning.data.sources import PreferencePair, split_pairs
 from mva_lightning.mi import HSIC
 from mva_lightning.model import lora
-from mva_lightning.model.backbones import tiny_llama
 from mva_lightning.training.module import MVAModule
 
 VALUES = ["helpful", "harmless"]
 
 
-def _pairs(good, bad, n=16):
-    return [
-        PreferencePair(f"\n\nHuman: item {i}?\n\nAssistant:", f"{good} {i}", bad) for i in range(n)
-    ]
-
-
-@pytest.fixture(scope="module")
-def base():
-    return tiny_llama(seed=3)
-
-
 def _setup(base, schedule="sequential", alpha=0.0, mi=None, lr=1e-2):
-    policy = lora.add_value_vectors(copy.deepcopy(base.model), VALUES, r=4, lora_alpha=8)
-    splits = {
-        "helpful": split_pairs(_pairs("a long helpful answer", "no"), 0.1, 0.1, 0),
-        "harmless": split_pairs(_pairs("I refuse", "sure thing"), 0.1, 0.1, 0),
-    }
-    dm = PreferenceDataModule(
-        splits, base.tokenizer, batch_size=4, max_length=64, max_prompt_length=32
-    )
-    module = MVAModule(
-        policy,
-        VALUES,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
-        alpha=alpha,
-        mi=mi,
-        schedule=schedule,
-    )
-    return module, dm
+    return tiny_module(base, lr=lr, alpha=alpha, mi=mi, schedule=schedule)
 
 
-def _trainer(**kw):
-    return L.Trainer(
-        **{
-            "accelerator": "cpu",
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "max_epochs": 1,
-            **kw,
-        }
-    )
+_trainer = quiet_trainer
 
 
 def test_step0_loss_is_ln2_and_rewards_zero(base):

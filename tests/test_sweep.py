@@ -494,3 +494,25 @@ def test_every_score_carries_its_interval_and_the_base_is_chance(toy_data, tmp_p
     again = rerun(out, {"report_split": "test"})  # every score read back: the same intervals
     assert again.scored == 0 and again.hypervolume_ci == manifest["hypervolume_ci"]
     assert again.intervals[0]["helpful/ci"] == manifest["rows"][0]["helpful/ci"]
+
+
+def test_the_base_and_every_front_point_answer_held_out_prompts(toy_data, tmp_path):
+    out = tmp_path / "run"
+    extra = [
+        "extrapolation.candidates.values=[0.5,1.0]",
+        "extrapolation.samples.num_prompts=2",
+        "extrapolation.samples.max_new_tokens=4",
+    ]
+    train(compose(toy_overrides(toy_data, out, *extra)))
+    manifest = json.loads((out / "extrapolation" / "pareto.json").read_text())
+    lines = (out / "extrapolation" / "samples.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    front = [[r["w/helpful"], r["w/harmless"]] for r in manifest["rows"] if r["on_front"]]
+    assert len(records) == 2 * (1 + len(front))  # two prompts per point, the base first
+    assert records[0]["w"] == [0.0, 0.0] and records[0]["base"] and not records[2]["base"]
+    assert [r["w"] for r in records[2::2]] == front
+    assert records[0]["prompt"] != records[1]["prompt"]
+    assert all(isinstance(r["response"], str) for r in records)
+    none = tmp_path / "none"
+    train(compose(toy_overrides(toy_data, none, *extra[:1], "extrapolation.samples.num_prompts=0")))
+    assert not (none / "extrapolation" / "samples.jsonl").exists()

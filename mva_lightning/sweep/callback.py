@@ -8,6 +8,7 @@ W&B table / image / summary; :meth:`ExtrapolationCallback.metrics` for ``train()
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import lightning as L
 
 from mva_lightning.sweep.manifest import ExtrapolationResult
 from mva_lightning.sweep.objectives import Objective
+from mva_lightning.sweep.samples import SAMPLES
 from mva_lightning.sweep.sweep import check, extrapolate
 
 
@@ -34,6 +36,10 @@ class ExtrapolationCallback(L.Callback):
         progress: Show tqdm bars.
         bootstrap: Interval settings (``resamples``, ``level``, ``seed``; see
             :class:`~mva_lightning.sweep.bootstrap.Bootstrap`); None: the defaults.
+        samples: Greedy answers of the base and each front point to held-out prompts
+            (``num_prompts``, ``max_new_tokens``, ``split``; see
+            :class:`~mva_lightning.sweep.samples.SampleSettings`), in ``samples.jsonl`` and a
+            W&B table.
     """
 
     def __init__(
@@ -46,10 +52,13 @@ class ExtrapolationCallback(L.Callback):
         output_subdir: str = "extrapolation",
         progress: bool = True,
         bootstrap: Mapping[str, Any] | None = None,
+        samples: Mapping[str, Any] | None = None,
     ) -> None:
         from mva_lightning.sweep.bootstrap import Bootstrap
+        from mva_lightning.sweep.samples import SampleSettings
 
         self.bootstrap = Bootstrap(**(bootstrap or {}))  # bad settings fail here, before fit
+        self.samples = SampleSettings(**(samples or {}))
         self.candidates, self.objective = candidates, objective
         self.reference_point, self.save, self.report_split = reference_point, save, report_split
         self.output_subdir, self.progress = output_subdir, progress
@@ -85,6 +94,7 @@ class ExtrapolationCallback(L.Callback):
             progress=self.progress,
             adapters=adapters,
             bootstrap=self.bootstrap,
+            samples=self.samples,
         )
         return self.result
 
@@ -129,6 +139,13 @@ class ExtrapolationCallback(L.Callback):
                 logger.log_table("pareto/table", columns=columns, data=data)
                 if plot.is_file():
                     logger.log_image("pareto/plot", images=[str(plot)])
+                samples = self.out_dir(trainer.default_root_dir) / SAMPLES
+                if samples.is_file():  # what each front point says, for a person to read
+                    records = [json.loads(line) for line in samples.read_text().splitlines()]
+                    data = [[str(r["w"]), r["prompt"], r["response"]] for r in records]
+                    logger.log_table(
+                        "pareto/samples", columns=["w", "prompt", "response"], data=data
+                    )
                 logger.experiment.summary.update(metrics)
             logger.save()
 

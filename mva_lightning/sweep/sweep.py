@@ -43,6 +43,7 @@ from mva_lightning.sweep.manifest import (
     write_scores,
 )
 from mva_lightning.sweep.objectives import Objective, Scores
+from mva_lightning.sweep.samples import SAMPLES, SampleSettings, write_samples
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def extrapolate(
     progress: bool = True,
     adapters: Sequence[str] | None = None,
     bootstrap: Bootstrap | Mapping | None = None,
+    samples: SampleSettings | Mapping | None = None,
 ) -> ExtrapolationResult:
     """Score candidates, select the Pareto front, save its checkpoints and the manifest.
 
@@ -133,6 +135,9 @@ def extrapolate(
         progress: Show tqdm bars.
         adapters: The adapters w weights, when they are not the values themselves (a
             baseline's one shared adapter: candidates ``[[1.0]]``); scores stay per value.
+        samples: Greedy answers of the base and every front point to a few held-out prompts,
+            written to ``samples.jsonl`` (:class:`SampleSettings` or its fields; None: the
+            defaults; ``num_prompts=0``: none).
         bootstrap: Interval settings (:class:`Bootstrap` or its fields; None: the defaults).
             Every score gets an interval over the pairs or prompts behind it, and the
             hypervolume one from the same resamples (candidates and base rescored together).
@@ -145,6 +150,7 @@ def extrapolate(
     """
     values = list(values)
     boot = bootstrap if isinstance(bootstrap, Bootstrap) else Bootstrap(**(bootstrap or {}))
+    reading = samples if isinstance(samples, SampleSettings) else SampleSettings(**(samples or {}))
     weights, ref, report_objective = check(
         policy,
         datamodule,
@@ -241,6 +247,9 @@ def extrapolate(
         improvement=improvement,
     )
     write_manifest(out_dir, result)
+    if reading.num_prompts and datamodule is not None:  # what each front point says
+        points = [zero, *(w for w, m in zip(weights, mask, strict=True) if m and w != zero)]
+        write_samples(policy, datamodule, values, names, points, reading, out_dir / SAMPLES)
     if len(values) >= 2:
         hv_text = f"HV={hv:.4g}" + (f" [{hv_ci[0]:.3g}, {hv_ci[1]:.3g}]" if hv_ci else "")
         pareto.plot_front(
