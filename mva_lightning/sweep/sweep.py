@@ -304,9 +304,9 @@ def _improvement(res, front, values, selection, report, boot: Bootstrap) -> dict
     its interval excludes 0.
     """
     out = {}
+    if len(front) < 2:  # only the base: nothing to compare
+        return out
     for k, v in enumerate(values):
-        if len(front) < 2:
-            break
         best = max(range(1, len(front)), key=lambda i: selection[front[i]][v])
         diff = res[:, best, k] - res[:, 0, k]  # (B,)
         ci = boot.interval(diff)

@@ -514,15 +514,11 @@ class MVAModule(L.LightningModule):
         if self.mi_penalty is not None and self.mi_penalty.has_heads:
             if self.mi_optimizer_factory is None:
                 raise ValueError("the MI estimator has a statistics network: set mi.optimizer")
-            heads = self.mi_penalty.head_parameters(list(self.mi_penalty_pairs()))
-            optimizers.append(self.mi_optimizer_factory(heads))
+            # every pair's statistics network; a stage's loss reaches only its own pairs'
+            optimizers.append(self.mi_optimizer_factory(list(self.mi_penalty.parameters())))
         if self.scheduler_factory is None:
             return optimizers
         return optimizers, [self.scheduler_factory(optimizers[0])]
-
-    def mi_penalty_pairs(self) -> list[tuple[str, str]]:
-        """Every pair any stage penalises, in stage order."""
-        return [p for s in self.stages for p in mi_pairs(self.values, s)]
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
