@@ -122,3 +122,15 @@ def test_manifest_without_intervals_still_loads():
     old = ExtrapolationResult.from_json(data)  # a manifest written before intervals existed
     assert old.intervals == [] and old.hypervolume_ci is None and old.bootstrap is None
     assert old.scores[0] == {"a": 0.8, "b": 0.4} and "pareto/hypervolume_low" not in old.metrics()
+
+
+def test_resampled_rates_count_only_the_items_that_count():
+    from mva_lightning.sweep.bootstrap import resampled_rates
+
+    items = np.array([[1.0, np.nan, 0.0, 1.0], [0.0, 0.5, np.nan, np.nan]])
+    counts = np.array([[1, 1, 1, 1], [0, 2, 0, 2], [0, 4, 0, 0]])
+    got = resampled_rates(items, counts)
+    # row 0: (1 + 0 + 1) / 3; (2 * 1) / 2; nothing counted -> NaN
+    assert got[0, 0] == pytest.approx(2 / 3) and got[0, 1] == 1.0 and np.isnan(got[0, 2])
+    # row 1: (0 + 0.5) / 2; 0.5 drawn twice / 2; 0.5 four times / 4
+    assert got[1].tolist() == pytest.approx([0.25, 0.5, 0.5])

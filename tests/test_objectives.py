@@ -199,3 +199,54 @@ def test_generation_scores_many_candidates_in_one_generate(setup):
     assert sampled.candidates_per_forward == 1  # samples never depend on batch companions
     with pytest.raises(ValueError, match="candidates_per_forward must be an integer >= 1"):
         GenerationScore(scorers, candidates_per_forward=0)
+
+
+def _prompt_file(tmp_path, rows):
+    import json
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _flag_bad(prompts, responses):
+    """An indicator: 1 on prompts that mention 'bad', NaN (not counted) elsewhere."""
+    return [1.0 if "bad" in p else math.nan for p in prompts]
+
+
+def test_generation_score_reads_held_out_prompts_and_reports_indicators(setup, tmp_path):
+    policy, dm = setup
+    path = _prompt_file(
+        tmp_path,
+        [
+            {"prompt": "train me?", "split": "train"},
+            {"prompt": "a bad one?", "split": "val", "category": "sensitive"},
+            {"prompt": "a good one?", "split": "val", "category": "benign"},
+            {"prompt": "later?", "split": "test"},
+        ],
+    )
+    scorers = {"helpful": LengthScorer(), "harmless": LengthScorer()}
+    objective = GenerationScore(
+        scorers, max_new_tokens=3, prompts_file=path, indicators={"flag": _flag_bad}
+    )
+    objective.validate(dm, VALUES)
+    assert objective.prompts(dm, VALUES) == [
+        "\n\nHuman: a bad one?\n\nAssistant:",
+        "\n\nHuman: a good one?\n\nAssistant:",
+    ]
+    assert objective.for_split("test").prompts(dm, VALUES) == ["\n\nHuman: later?\n\nAssistant:"]
+    (got,) = objective.score_many(policy, dm, VALUES, [{"helpful": 1.0}])
+    assert got["flag"] == 1.0 and got.per_item["flag"][0] == 1.0
+    assert math.isnan(got.per_item["flag"][1])
+    with pytest.raises(ValueError, match="have the names of values"):
+        GenerationScore(scorers, indicators={"helpful": _flag_bad})
+
+
+def test_generation_score_refuses_held_out_prompts_that_were_trained_on(setup, tmp_path):
+    _, dm = setup
+    path = _prompt_file(tmp_path, [{"prompt": "item 100?", "split": "val"}])  # a train prompt
+    objective = GenerationScore(
+        {"helpful": LengthScorer(), "harmless": LengthScorer()}, prompts_file=path
+    )
+    with pytest.raises(ValueError, match=r"1 'val' prompts of .* are training prompts too"):
+        objective.validate(dm, VALUES)

@@ -516,3 +516,32 @@ def test_the_base_and_every_front_point_answer_held_out_prompts(toy_data, tmp_pa
     none = tmp_path / "none"
     train(compose(toy_overrides(toy_data, none, *extra[:1], "extrapolation.samples.num_prompts=0")))
     assert not (none / "extrapolation" / "samples.jsonl").exists()
+
+
+class RatedObjective(TableObjective):
+    """TABLE scores over three shared items, plus an indicator 'flag' counted on two of them:
+    1 on both for candidates with w_harmless >= 1, else 0 (NaN on the third item)."""
+
+    shared_items = True
+
+    def score(self, policy, datamodule, values):
+        from mva_lightning.sweep.objectives import Scores
+
+        w = tuple(round(x, 6) + 0.0 for x in lora.get_weights(policy).values())
+        a, b = TABLE[w]
+        flag = 1.0 if w[1] >= 1.0 else 0.0
+        per_item = {"helpful": [a] * 3, "harmless": [b] * 3, "flag": [flag, flag, float("nan")]}
+        return Scores({"helpful": a, "harmless": b, "flag": flag}, per_item)
+
+    def for_split(self, split):
+        return RatedObjective(split=split)
+
+
+def test_indicators_get_intervals_on_both_splits_and_never_move_the_front(policy, tmp_path):
+    got = _sweep(policy, tmp_path / "x", objective=RatedObjective(), report_split="test")
+    assert got.on_front == FRONT  # the indicator is no objective
+    manifest = json.loads((tmp_path / "x" / "pareto.json").read_text())
+    by_w = {(r["w/helpful"], r["w/harmless"]): r for r in manifest["rows"]}
+    assert by_w[0.0, 1.0]["flag"] == 1.0 and by_w[0.0, 1.0]["flag/ci"] == [1.0, 1.0]
+    assert by_w[1.0, 0.0]["flag/n"] == 2 and by_w[1.0, 0.0]["test/flag/ci"] == [0.0, 0.0]
+    assert got.base_scores["flag"] == 0.0 and got.base_scores["test/flag/n"] == 2

@@ -2,9 +2,15 @@
 
 When no human labels exist, preference pairs are built the way MODPO / RiC-style work builds
 them: for each prompt, sample several responses from the base model, score each with the value's
-scorer, and keep (highest-scored, lowest-scored) when the gap exceeds a margin. The prompts
-(``assets/prompts.jsonl``: benign requests and sensitive ones that a careful assistant should
-decline) are written for this project.
+scorer, and keep (highest-scored, lowest-scored) when the gap exceeds a margin. The prompts are
+the ``train`` rows of a prompt file (:mod:`mva_lightning.data.prompts`; by default the package's
+``assets/prompts.jsonl``: benign requests and sensitive ones that a careful assistant declines).
+
+A 135M model almost never refuses, even when told to, so sampling alone gives a harmlessness
+scorer no refusal to prefer. A value can ask for ``refusal_candidates``: every prompt then also
+gets one refusal written for the project (:data:`REFUSALS`, picked by the prompt's hash) among its
+candidates, and the scorer decides where it wins (a sensitive request) and where it loses (a
+benign one, when the scorer penalises over-refusal).
 
 Sampled responses are cached on disk under a fingerprint of (model, prompts, sampling
 settings), and scores under a fingerprint of (responses, scorer), so the second run skips both.
@@ -13,42 +19,37 @@ The responses are shared by every value: each value only ranks them differently.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mva_lightning.data.sources import DataError, PreferencePair, read_jsonl
+from mva_lightning.data.prompts import read_prompts
+from mva_lightning.data.sources import DataError, PreferencePair
 from mva_lightning.io import fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
 
-def transcript(question: str) -> str:
-    """The HH transcript format every source speaks: ``\\n\\nHuman: q\\n\\nAssistant:``."""
-    return f"\n\nHuman: {question.strip()}\n\nAssistant:"
+# One-line refusals written for this project: no numbered steps, no "here's how" (so that the
+# refusal detector in mva_lightning.scorers.refusal reads them as refusals).
+REFUSALS: tuple[str, ...] = (
+    "I can't help with that. It could hurt someone or break the law.",
+    "I'm sorry, but I won't help with this request because it could cause real harm.",
+    "I cannot assist with that. If you're in a difficult situation, talking to someone you "
+    "trust or a local professional may help.",
+    "I'm not able to help with that, since it could put people at risk.",
+    "Sorry, I can't do that. It would be harmful, and I'd rather help with something safer.",
+    "I won't give advice on that. Is there something else I can help you with?",
+)
 
 
-def load_prompts(path: str | None = None, category: str | None = None) -> list[str]:
-    """Project prompts as transcripts (``assets/prompts.jsonl`` unless ``path`` is given).
-
-    Args:
-        path: A JSONL file with a ``prompt`` key per row (and optionally ``category``).
-        category: Keep only rows of this category (``benign`` or ``sensitive``).
-    """
-    if path is None:
-        path = str(resources.files("mva_lightning") / "assets" / "prompts.jsonl")
-    prompts = []
-    for line, row in read_jsonl(path):
-        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise DataError(f"{path}, line {line}: expected a non-empty string under 'prompt'")
-        if category is None or row.get("category") == category:
-            prompts.append(transcript(row["prompt"]))
-    if not prompts:
-        raise DataError(f"{path}: no prompts (category={category!r})")
-    return prompts
+def refusal_for(prompt: str) -> str:
+    """The refusal candidate of ``prompt``: one of :data:`REFUSALS`, chosen by its hash."""
+    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+    return REFUSALS[digest[0] % len(REFUSALS)]
 
 
 def _cache_root(cache_dir: str | None) -> Path:
@@ -179,6 +180,8 @@ def scored_pairs(
     chat_template: bool = True,
     seed: int = 0,
     cache_dir: str | None = None,
+    refusal_candidates: bool = False,
+    split: str = "train",
 ) -> list[PreferencePair]:
     """A value's preference pairs built from sampled responses and the value's scorer.
 
@@ -190,7 +193,8 @@ def scored_pairs(
         scorer: The value's scorer config (``_target_`` mapping).
         model_loader: The base model's loader config.
         margin: Minimum score gap between chosen and rejected.
-        prompts_file: Prompts JSONL (default: the project's prompts).
+        prompts_file: Prompt file (:mod:`mva_lightning.data.prompts`; ``pkg://`` allowed;
+            default: the package's prompts).
         num_samples: Responses sampled per prompt.
         max_new_tokens: Length cap of each response.
         temperature: Sampling temperature.
@@ -199,10 +203,13 @@ def scored_pairs(
         chat_template: Wrap prompts in the tokenizer's chat template.
         seed: Sampling seed.
         cache_dir: Cache folder for responses and scores.
+        refusal_candidates: Add one written refusal (:func:`refusal_for`) to every prompt's
+            sampled responses before scoring.
+        split: The rows of the prompt file to build pairs from.
     """
     from hydra.utils import instantiate
 
-    prompts = load_prompts(prompts_file)
+    prompts = [r.prompt for r in read_prompts(prompts_file, split=split)]
     responses = sample_responses(
         model_loader,
         prompts,
@@ -215,6 +222,8 @@ def scored_pairs(
         seed,
         cache_dir,
     )
+    if refusal_candidates:
+        responses = [[*rs, refusal_for(p)] for p, rs in zip(prompts, responses, strict=True)]
     value_scorer = instantiate(dict(scorer))
     scores = score_responses(value_scorer, prompts, responses, cache_dir)
     pairs = best_worst_pairs(prompts, responses, scores, margin)

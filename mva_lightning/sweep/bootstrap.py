@@ -60,9 +60,12 @@ class Bootstrap:
         return {v: _multiplicities(rng, n, self.resamples) for v, n in sizes.items()}
 
     def interval(self, samples: np.ndarray) -> list[float]:
-        """[low, high]: the percentile interval of resampled statistics, (B,) or (..., B)."""
+        """[low, high]: the percentile interval of resampled statistics, (B,) or (..., B).
+
+        NaN resamples (a rate whose resample drew no item that counts) are left out.
+        """
         tail = (1.0 - self.level) / 2.0
-        lo, hi = np.quantile(np.asarray(samples, dtype=float), [tail, 1.0 - tail], axis=-1)
+        lo, hi = np.nanquantile(np.asarray(samples, dtype=float), [tail, 1.0 - tail], axis=-1)
         return [float(lo), float(hi)] if np.ndim(lo) == 0 else np.stack([lo, hi], -1).tolist()
 
 
@@ -77,6 +80,17 @@ def resampled_means(items: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(C, n) per-item scores, (B, n) counts -> (C, B) means of each resample."""
     items = np.asarray(items, dtype=float)
     return items @ counts.T / items.shape[1]
+
+
+def resampled_rates(items: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(C, n) per-item values with NaN where an item does not count, (B, n) counts -> (C, B)
+    means over the counted items of each resample (NaN when a resample draws none)."""
+    items = np.asarray(items, dtype=float)
+    counted = ~np.isnan(items)
+    total = np.where(counted, items, 0.0) @ counts.T
+    drawn = counted.astype(float) @ counts.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(drawn > 0, total / np.maximum(drawn, 1), np.nan)
 
 
 def resampled_scores(

@@ -288,9 +288,16 @@ def _check_candidates_per_forward(owner: str, n: int) -> None:
 class GenerationScore(Objective):
     """Mean scorer reward of responses generated for a shared set of held-out prompts.
 
-    Prompts: the ``prompts_split`` prompts of every value, in value order, deduplicated, the
-    first ``num_prompts``. Each candidate generates once; value v's scorer sees (prompt,
+    Prompts: the ``prompts_split`` rows of ``prompts_file`` when one is given (a prompt file of
+    :mod:`mva_lightning.data.prompts`, held out by its ``split`` column), else the
+    ``prompts_split`` prompts of every value's pairs, in value order, deduplicated; the first
+    ``num_prompts`` of them. Each candidate generates once; value v's scorer sees (prompt,
     continuation) pairs, never the prompt twice.
+
+    Indicators are behaviours measured on the same generations that are reported but never
+    optimised (e.g. :class:`mva_lightning.scorers.refusal.RefusalRate`): a callable
+    ``(prompts, responses) -> one float per prompt``, NaN where the prompt does not count. Column
+    ``<name>`` is the mean over the prompts that count; it gets an interval like the values.
 
     Args:
         scorers: Value name -> scorer (:class:`mva_lightning.scorers.base.Scorer`); entries that
@@ -309,6 +316,9 @@ class GenerationScore(Objective):
             :meth:`score_many` (``batch_size`` prompts each). Greedy decoding only: sampled
             candidates run one at a time, so that a candidate's samples never depend on which
             others share its batch.
+        prompts_file: A prompt file to take the held-out prompts from (``pkg://`` allowed); None:
+            the data module's held-out pairs.
+        indicators: Name -> indicator (see above), reported for every candidate.
     """
 
     def __init__(
@@ -325,6 +335,8 @@ class GenerationScore(Objective):
         max_prompt_length: int | None = None,
         seed: int = 0,
         candidates_per_forward: int = 8,
+        prompts_file: str | None = None,
+        indicators: Mapping[str, Any] | None = None,
     ) -> None:
         # None: a value the run does not have (a config listing scorers for optional values).
         scorers = {v: s for v, s in (scorers or {}).items() if s is not None}
@@ -345,6 +357,11 @@ class GenerationScore(Objective):
             seed=seed,
         )
         self.chat_template, self.max_prompt_length = chat_template, max_prompt_length
+        self.prompts_file = prompts_file
+        self.indicators = {k: f for k, f in (indicators or {}).items() if f is not None}
+        clash = sorted(set(self.indicators) & set(scorers))
+        if clash:
+            raise ValueError(f"GenerationScore: indicators {clash} have the names of values")
 
     shared_items = True  # every value's scorer reads the same prompts
 
@@ -361,6 +378,12 @@ class GenerationScore(Objective):
             "chat_template": self.chat_template,
             "max_prompt_length": self.max_prompt_length,
             **{k: v for k, v in self.generation.items() if k != "batch_size"},
+            **({"prompts_file": self.prompts_file} if self.prompts_file else {}),
+            **(
+                {"indicators": {k: _scorer_name(f) for k, f in self.indicators.items()}}
+                if self.indicators
+                else {}
+            ),
         }
 
     def for_split(self, split: str) -> GenerationScore:
@@ -372,6 +395,8 @@ class GenerationScore(Objective):
             chat_template=self.chat_template,
             max_prompt_length=self.max_prompt_length,
             candidates_per_forward=self._per_forward,
+            prompts_file=self.prompts_file,
+            indicators=self.indicators,
             **kw,
         )
 
@@ -387,14 +412,32 @@ class GenerationScore(Objective):
         for v, s in self.scorers.items():
             if not callable(s):
                 raise TypeError(f"GenerationScore: scorer for {v!r} is not callable: {s!r}")
-        if not self.prompts(datamodule, values):
+        for name, f in self.indicators.items():
+            if not callable(f):
+                raise TypeError(f"GenerationScore: indicator {name!r} is not callable: {f!r}")
+        prompts = self.prompts(datamodule, values)
+        if not prompts:
             raise ValueError(f"GenerationScore: no {self.split!r} prompts for values {values}")
+        if self.prompts_file is not None and self.split != "train":
+            seen = {p.prompt for v in values for p in datamodule.splits[v].train}
+            leaked = [p for p in prompts if p in seen]
+            if leaked:
+                raise ValueError(
+                    f"GenerationScore: {len(leaked)} {self.split!r} prompts of "
+                    f"{self.prompts_file} are training prompts too (first: {leaked[0]!r}); "
+                    f"expected held-out prompts"
+                )
 
     def prompts(self, datamodule, values: Sequence[str]) -> list[str]:
         """The shared prompt set: deduplicated held-out prompts, first ``num_prompts``."""
-        seen = dict.fromkeys(
-            p.prompt for v in values for p in getattr(datamodule.splits[v], self.split)
-        )
+        if self.prompts_file is not None:
+            from mva_lightning.data.prompts import load_prompts
+
+            seen = dict.fromkeys(load_prompts(self.prompts_file, split=self.split))
+        else:
+            seen = dict.fromkeys(
+                p.prompt for v in values for p in getattr(datamodule.splits[v], self.split)
+            )
         return list(seen)[: self.num_prompts]
 
     def data_fingerprint(self, datamodule, values: Sequence[str]) -> str:
@@ -451,6 +494,16 @@ class GenerationScore(Objective):
                 row[v] = mean
                 row[f"{v}/std"] = math.sqrt(sum((s - mean) ** 2 for s in block) / n)
                 row.per_item[v] = list(block)  # one score per prompt
+        for name, indicator in self.indicators.items():
+            raw = indicator(list(prompts) * c, list(responses))
+            if len(raw) != n * c:
+                raise ScorerError(f"indicator {name!r} returned {len(raw)} values for {n * c}")
+            for k, row in enumerate(out):
+                block = [float(x) for x in raw[k * n : (k + 1) * n]]
+                counted = [x for x in block if not math.isnan(x)]
+                if counted:  # no prompt counts (e.g. no sensitive prompt): no column
+                    row[name] = sum(counted) / len(counted)
+                    row.per_item[name] = block
         return out
 
 

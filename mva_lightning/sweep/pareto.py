@@ -181,8 +181,9 @@ def plot_front(
             ax.errorbar(
                 front[:, i],
                 front[:, j],
-                xerr=[front[:, i] - lo[:, i], hi[:, i] - front[:, i]],
-                yerr=[front[:, j] - lo[:, j], hi[:, j] - front[:, j]],
+                # clipped: a constant score's interval is itself up to float rounding
+                xerr=np.clip([front[:, i] - lo[:, i], hi[:, i] - front[:, i]], 0, None),
+                yerr=np.clip([front[:, j] - lo[:, j], hi[:, j] - front[:, j]], 0, None),
                 fmt="none",
                 ecolor="C0",
                 alpha=0.45,

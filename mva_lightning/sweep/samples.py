@@ -1,7 +1,8 @@
 """What each front point says: greedy answers to a few held-out prompts, for a person to read.
 
 After the front is known, the base (w = 0) and every front point answer the first
-``num_prompts`` held-out prompts (deduplicated across values) in one batched ``generate`` (each
+``num_prompts`` held-out prompts (deduplicated across values; or, from a prompt file, its rows of
+the split, taking each category in turn) in one batched ``generate`` (each
 prompt block with its own preference vector); the answers go to ``<sweep>/samples.jsonl``, one
 record per (w, prompt), written atomically, and to a W&B table by the callback.
 """
@@ -29,11 +30,14 @@ class SampleSettings:
         num_prompts: Prompts per point (0: write no samples).
         max_new_tokens: Answer length, in tokens (greedy decoding).
         split: The held-out split the prompts come from.
+        prompts_file: A prompt file (:mod:`mva_lightning.data.prompts`) to take them from; None:
+            the data module's held-out pairs.
     """
 
     num_prompts: int = 4
     max_new_tokens: int = 48
     split: str = "test"
+    prompts_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_prompts < 0 or self.max_new_tokens < 1:
@@ -47,10 +51,23 @@ class SampleSettings:
             )
 
 
-def held_out_prompts(datamodule, values: Sequence[str], split: str, n: int) -> list[str]:
-    """The first ``n`` distinct prompts of ``split``, in value order."""
-    seen = dict.fromkeys(p.prompt for v in values for p in getattr(datamodule.splits[v], split))
-    return list(seen)[:n]
+def held_out_prompts(
+    datamodule, values: Sequence[str], split: str, n: int, prompts_file: str | None = None
+) -> list[str]:
+    """The first ``n`` distinct prompts of ``split``: in value order from the data module, or
+    from ``prompts_file`` one category at a time (benign, sensitive, benign, ...)."""
+    if prompts_file is None:
+        seen = dict.fromkeys(p.prompt for v in values for p in getattr(datamodule.splits[v], split))
+        return list(seen)[:n]
+    from itertools import chain, zip_longest
+
+    from mva_lightning.data.prompts import read_prompts
+
+    by_category: dict[str | None, list[str]] = {}
+    for row in read_prompts(prompts_file, split=split):
+        by_category.setdefault(row.category, []).append(row.prompt)
+    turns = chain.from_iterable(zip_longest(*by_category.values()))
+    return list(dict.fromkeys(p for p in turns if p is not None))[:n]
 
 
 def write_samples(
@@ -79,7 +96,9 @@ def write_samples(
     from mva_lightning.model import lora
     from mva_lightning.model.generation import generate
 
-    prompts = held_out_prompts(datamodule, values, settings.split, settings.num_prompts)
+    prompts = held_out_prompts(
+        datamodule, values, settings.split, settings.num_prompts, settings.prompts_file
+    )
     if not prompts or not points:
         return []
     weights = [lora.preference_dict(names, w) for w in points]

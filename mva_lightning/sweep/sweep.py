@@ -186,6 +186,8 @@ def extrapolate(
     hv_ci = None
     if res is not None:
         per_row = _intervals(res, values, boot, by_w, rows)
+        for cols, more in zip(per_row, _indicator_intervals(by_w, rows, values, boot), strict=True):
+            cols.update(more)
         base = {**base, **per_row[0]}
         intervals = per_row[1:]
         hv_ci = boot.interval(bootstrap_mod.hypervolumes(res, range(1, len(rows)), fixed_ref))
@@ -210,10 +212,10 @@ def extrapolate(
         res_report = _resample(got, front, values, boot, report_objective.shared_items)
         extra = {w: {} for w in front}
         if res_report is not None:
-            for w, cols in zip(
-                front, _intervals(res_report, values, boot, got, front), strict=True
-            ):
-                extra[w] = cols
+            per_row = _intervals(res_report, values, boot, got, front)
+            more = _indicator_intervals(got, front, values, boot)
+            for w, cols, ind in zip(front, per_row, more, strict=True):
+                extra[w] = {**cols, **ind}
             improvement = _improvement(res_report, front, values, by_w, got, boot)
         base = {**base, **{f"{split}/{k}": s for k, s in {**got[zero], **extra[zero]}.items()}}
         for i, w in enumerate(weights):
@@ -295,6 +297,23 @@ def _intervals(res, values, boot: Bootstrap, by_w, rows) -> list[dict]:
         {k: x for j, v in enumerate(values) for k, x in ((f"{v}/ci", ci[i][j]), (f"{v}/n", n[v]))}
         for i in range(len(rows))
     ]
+
+
+def _indicator_intervals(by_w, rows, values, boot: Bootstrap) -> list[dict]:
+    """Per row, ``{name}/ci`` and ``{name}/n`` of every indicator (a column with per-item
+    values that is not a value, NaN where an item does not count), on the same resamples of
+    the shared items as the values."""
+    first = by_w[rows[0]].per_item
+    names = [k for k in first if k not in values and all(k in by_w[w].per_item for w in rows)]
+    out: list[dict] = [{} for _ in rows]
+    for name in names:
+        items = np.array([by_w[w].per_item[name] for w in rows])  # (C, n), NaN: not counted
+        counts = boot.counts({name: items.shape[1]}, shared=True)[name]
+        ci = boot.interval(bootstrap_mod.resampled_rates(items, counts))
+        n = int((~np.isnan(items[0])).sum())
+        for i in range(len(rows)):
+            out[i].update({f"{name}/ci": ci[i], f"{name}/n": n})
+    return out
 
 
 def _improvement(res, front, values, selection, report, boot: Bootstrap) -> dict:
