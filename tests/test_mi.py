@@ -83,7 +83,7 @@ def test_hsic_matches_numpy(sigma, dtype):
     if sigma == "median":
         assert median_sigma(tx).item() == pytest.approx(sx, abs=1e-5)
         assert median_sigma(ty).item() == pytest.approx(sy, abs=1e-5)
-    got = HSIC(features="delta_w", sigma=sigma)({"m": tx}, {"m": ty})
+    got = HSIC(features="activations", sigma=sigma)({"m": tx}, {"m": ty})
     assert isinstance(got, MIEstimate) and got.finite
     assert got.value.item() == pytest.approx(expected, abs=1e-5)
     assert hsic(tx, ty, sx, sy).item() == pytest.approx(expected, abs=1e-5)
@@ -98,7 +98,7 @@ def test_rbf_kernel_and_median_by_hand():
     assert median_sigma(x).item() == pytest.approx(math.sqrt(18))  # median of {1, sqrt 18, 5}
     x4 = torch.tensor([[0.0], [1.0], [3.0], [7.0]])  # distances 1 3 7 2 6 4 -> median 3.5
     assert median_sigma(x4).item() == pytest.approx(3.5)
-    assert median_sigma(torch.zeros(5, 3)).item() == 1.0  # degenerate (B = 0): fall back to 1
+    assert median_sigma(torch.zeros(5, 3)).item() == 1.0  # all rows equal: fall back to 1
 
 
 def test_hsic_sums_modules():
@@ -265,7 +265,7 @@ def test_mine_divergence_is_flagged_not_nan(poison, caplog):
 
 
 def estimators_for(kind: str, r: int, d_in: int, d_out: int):
-    width = {"lora_a": d_in, "delta_w": d_in, "activations": r}[kind]
+    width = {"lora_a": d_in, "activations": r}[kind]
     return [
         HSIC(kind, sigma=1.0),
         HSIC(kind, sigma="median"),
@@ -274,7 +274,7 @@ def estimators_for(kind: str, r: int, d_in: int, d_out: int):
     ]
 
 
-@pytest.mark.parametrize("kind", ["lora_a", "delta_w", "activations"])
+@pytest.mark.parametrize("kind", ["lora_a", "activations"])
 def test_gradient_reaches_value_i_only(kind):
     r, d_in, d_out = 4, 6, 5
     f_i = make_factors(0, r=r, d_in=d_in, d_out=d_out)
@@ -300,9 +300,7 @@ def test_lora_features_shapes_and_values():
     f_i, f_j = make_factors(0, grad=False), make_factors(1, grad=False)
     x, y = lora_features(f_i, f_j, "lora_a")
     assert torch.equal(x["q"], f_i["q"].A) and torch.equal(y["v"], f_j["v"].A)
-    x, y = lora_features(f_i, f_j, "delta_w")
-    assert x["q"].shape == (5, 6)
-    assert torch.allclose(y["q"], 2.0 * f_j["q"].B @ f_j["q"].A)
+    assert x["q"].shape == (4, 6)  # (r, d_in)
 
 
 def test_activation_features_subsample_keeps_pairs():
@@ -330,6 +328,21 @@ def test_unknown_features_named(cls):
         cls(features="bogus")
     with pytest.raises(ValueError, match="bogus"):
         MINE(2, 2, features="bogus")
+
+
+def test_delta_w_features_are_rejected():
+    # removed: delta W = s B A is 0 at init (B = 0), so its dependence and gradient are 0
+    allowed = r"expected one of \('lora_a', 'activations'\), got 'delta_w'"
+    for make in (
+        lambda: HSIC(features="delta_w"),
+        lambda: Orthogonal(features="delta_w"),
+        lambda: MINE(6, 6, features="delta_w"),
+    ):
+        with pytest.raises(ValueError, match=allowed):
+            make()
+    f_i, f_j = make_factors(0, grad=False), make_factors(1, grad=False)
+    with pytest.raises(ValueError, match="'delta_w'"):
+        lora_features(f_i, f_j, "delta_w")
 
 
 def test_bad_inputs_raise_clear_errors():

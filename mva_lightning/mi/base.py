@@ -2,9 +2,11 @@
 
 A penalty compares two value vectors i (trainable) and j through paired features, one tensor
 per adapted module: ``x[m]`` of shape (n_m, d_x) for value i and ``y[m]`` of shape (n_m, d_y)
-for value j, row k of ``x[m]`` paired with row k of ``y[m]``. Which features (LoRA A rows,
-delta W rows, per-token projections A h) is chosen by the estimator's ``features`` attribute
-and extracted by :mod:`mva_lightning.mi.features`.
+for value j, row k of ``x[m]`` paired with row k of ``y[m]``. Which features (LoRA A rows or
+per-token projections A h) is chosen by the estimator's ``features`` attribute and extracted
+by :mod:`mva_lightning.mi.features`. There is no delta W variant: delta W = s B A is 0 at
+initialisation (B = 0), so a dependence measure on it, and its gradient, would be 0 until
+training had moved B.
 
 A new estimator is one file in this package plus one config in ``conf/mi/``.
 """
@@ -21,7 +23,7 @@ from torch import nn
 if TYPE_CHECKING:
     from mva_lightning.model.lora import LoraFactors
 
-FEATURES = ("lora_a", "delta_w", "activations")
+FEATURES = ("lora_a", "activations")
 
 
 @dataclass
@@ -44,7 +46,7 @@ class MIEstimator(nn.Module):
     minimises it with the head's own optimizer, on detached features.
 
     Args:
-        features: ``lora_a`` | ``delta_w`` | ``activations``.
+        features: ``lora_a`` | ``activations``.
     """
 
     features: str = "lora_a"
@@ -53,7 +55,7 @@ class MIEstimator(nn.Module):
     def __init__(self, features: str = "lora_a") -> None:
         super().__init__()
         if features not in FEATURES:
-            raise ValueError(f"mi.features: expected one of {FEATURES}, got {features!r}")
+            raise ValueError(f"mi.estimator.features: expected one of {FEATURES}, got {features!r}")
         self.features = features
 
     @property

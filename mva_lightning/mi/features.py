@@ -1,8 +1,8 @@
 """Paired features of two value vectors, one tensor per adapted module.
 
-Value i is the one being trained: its features carry gradient (through A_i, or through A_i and
-B_i for ``delta_w``). Value j is frozen, or it is "the other" value of a pair in the joint
-schedule; its features are detached so that a penalty MI(theta_i, theta_j) moves theta_i only.
+Value i is the one being trained: its features carry gradient (through A_i). Value j is
+frozen, or it is "the other" value of a pair in the joint schedule; its features are detached
+so that a penalty MI(theta_i, theta_j) moves theta_i only.
 Features are computed in fp32 whatever the adapters' dtype (the released code casts to float).
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from mva_lightning.model.lora import LoraFactors
 
-WEIGHT_FEATURES = ("lora_a", "delta_w")
+WEIGHT_FEATURES = ("lora_a",)
 
 
 def _check_modules(
@@ -40,8 +40,7 @@ def lora_features(
         factors_i: Module name -> factors of the trainable value i (gradient flows).
         factors_j: Module name -> factors of value j (detached), same modules.
         kind: ``lora_a``: the r rows of A are the paired samples, x[m] = A_i (r, d_in), as the
-            paper's code does. ``delta_w``: the d_out rows of delta W = s B A are the samples,
-            x[m] (d_out, d_in).
+            paper's code does.
         detach_y: Detach value j's features (sequential schedule: j is frozen). The joint
             schedule passes False so that the penalty moves both vectors.
 
@@ -67,12 +66,8 @@ def lora_features(
                 f"LoRA factors at {m}: value i has A {tuple(fi.A.shape)}, B {tuple(fi.B.shape)}; "
                 f"value j has A {tuple(fj.A.shape)}, B {tuple(fj.B.shape)}"
             )
-        if kind == "lora_a":
-            x[m] = fi.A.float()  # (r, d_in)
-            y[m] = fj.A.float()  # (r, d_in)
-        else:
-            x[m] = fi.delta_w().float()  # (d_out, d_in) = s * (d_out, r) @ (r, d_in)
-            y[m] = fj.delta_w().float()
+        x[m] = fi.A.float()  # (r, d_in)
+        y[m] = fj.A.float()  # (r, d_in)
         if detach_y:
             y[m] = y[m].detach()
     return x, y

@@ -26,7 +26,7 @@ def rbf_kernel(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         K, (n, n), symmetric with unit diagonal.
     """
     sq = (x * x).sum(dim=1)  # (n,)
-    # ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b; never materialises (n, n, d), so delta W rows fit
+    # ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b; never materialises (n, n, d), so many token rows fit
     d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)  # (n, n)
     return torch.exp(-d2 / (2.0 * sigma**2))
 
@@ -35,7 +35,7 @@ def median_sigma(x: torch.Tensor) -> torch.Tensor:
     """Median heuristic: sigma = median of the pairwise distances ||x_a - x_b||, a < b.
 
     Detached (the bandwidth is a setting, not a path for gradient). Falls back to 1 when fewer
-    than two samples or when the median distance is 0 (e.g. all rows equal, as with B = 0).
+    than two samples or when the median distance is 0 (e.g. all rows equal).
 
     Args:
         x: Samples, (n, d).
@@ -89,8 +89,8 @@ class HSIC(MIEstimator):
     """Sum over adapted modules of HSIC(x[m], y[m]).
 
     Args:
-        features: ``lora_a`` (paper: the r rows of A_i, A_j are the samples), ``delta_w`` or
-            ``activations``.
+        features: ``lora_a`` (paper: the r rows of A_i, A_j are the samples) or
+            ``activations`` (per-token projections A_i h, A_j h).
         sigma: RBF bandwidth for both variables (paper: 1.0), or ``"median"`` for the median
             heuristic, computed per module and per variable.
     """

@@ -59,8 +59,7 @@ class MINE(MIEstimator):
         dim_x: Width of value i's features (e.g. r).
         dim_y: Width of value j's features.
         hidden: Width of the two hidden layers of T.
-        features: ``activations`` (default: per-token u = A_i h, v = A_j h), ``lora_a`` or
-            ``delta_w``.
+        features: ``activations`` (default: per-token u = A_i h, v = A_j h) or ``lora_a``.
         ema_rate: Weight of the newest minibatch in the moving average of E[exp T_marg].
         clamp: T outputs are clamped to [-clamp, clamp] (``float("inf")`` disables it).
         head_steps: Updates of T (on the same detached batch) per training step of the value
@@ -107,7 +106,7 @@ class MINE(MIEstimator):
     def check_factors(self, factors: Mapping[str, LoraFactors]) -> None:
         """The pooled features must have the head's widths at every module.
 
-        ``activations`` gives r columns (A h), ``lora_a`` and ``delta_w`` give d_in columns.
+        ``activations`` gives r columns (A h), ``lora_a`` gives d_in columns.
 
         Raises:
             ValueError: naming the module, the width it gives and the config keys to set.

@@ -13,13 +13,13 @@ class Orthogonal(MIEstimator):
     With ``features="lora_a"`` (x[m] = A_i, y[m] = A_j, both (r, d_in)) this is the paper's
     ||A_i A_j^T||_F^2: zero iff every row of A_i is orthogonal to every row of A_j.
 
-    With ``delta_w`` or ``activations`` the rows are samples and the penalty is the squared norm
+    With ``activations`` the rows (tokens) are samples and the penalty is the squared norm
     of the uncentred cross-moment ||x^T y||_F^2 / n^2 = ||(1/n) sum_k x_k y_k^T||_F^2, which is
     zero iff every coordinate of x is uncorrelated (in the second-moment sense) with every
-    coordinate of y. The 1/n^2 keeps it on one scale whatever the number of tokens or d_out.
+    coordinate of y. The 1/n^2 keeps it on one scale whatever the number of tokens.
 
     Args:
-        features: ``lora_a`` | ``delta_w`` | ``activations``.
+        features: ``lora_a`` | ``activations``.
     """
 
     def forward(self, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> MIEstimate:
