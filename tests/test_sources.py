@@ -328,3 +328,113 @@ def test_split_by_prompt_is_consistent_across_values():
         assert pb <= pa  # a prompt is in the same split for both values
     assert 20 <= len(sa.test) <= 60 and 20 <= len(sa.val) <= 60
     assert len(sa.train) + len(sa.val) + len(sa.test) == 400
+
+
+# ----------------------------------------------------------------------------- on_bad_row
+
+HH_ROW = {"chosen": f"\n\nHuman: q{A} good", "rejected": f"\n\nHuman: q{A} bad"}
+PKU_ROW = {"prompt": "q", "response_0": "a", "response_1": "b", "better_response_id": 0}
+JSONL_ROW = {"prompt": "p", "chosen": "c", "rejected": "r"}
+
+
+def _bad_rows(tmp_path, good, bad, name="mixed.jsonl"):
+    """A file of 6 good rows with the 3 ``bad`` ones at lines 2, 5 and 7."""
+    rows = [good] * 6
+    for lineno, row in zip((2, 5, 7), bad, strict=True):
+        rows.insert(lineno - 1, row)
+    return _write(tmp_path / name, rows)
+
+
+SOURCES = {
+    "hh_rlhf": (
+        lambda files, **kw: hh_rlhf(files=files, **kw),
+        HH_ROW,
+        ["{not json", {"chosen": f"{A} x"}, {"chosen": "\n\nHuman: a", "rejected": "\n\nHuman: b"}],
+        [
+            "1 x not valid JSON, line 2",
+            "1 x missing key 'rejected', line 5",
+            "1 x no shared prompt ending at 'Assistant:', line 7",
+        ],
+    ),
+    "pku_saferlhf": (
+        lambda files, **kw: pku_saferlhf(files=files, **kw),
+        PKU_ROW,
+        [PKU_ROW | {"better_response_id": 2}, "[1, 2]", PKU_ROW | {"better_response_id": 5}],
+        ["2 x key 'better_response_id' not 0 or 1, lines 2, 7", "1 x not a JSON object, line 5"],
+    ),
+    "jsonl_pairs": (
+        lambda files, **kw: jsonl_pairs(files, **kw),
+        JSONL_ROW,
+        [{"prompt": "p", "chosen": 3, "rejected": "r"}, {"prompt": "p"}, {"prompt": "p"}],
+        ["2 x missing key 'chosen', lines 5, 7", "1 x key 'chosen' not a string, line 2"],
+    ),
+}
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_on_bad_row_skip_counts_and_logs_the_bad_rows(source, tmp_path, caplog):
+    load, good, bad, reasons = SOURCES[source]
+    path = _bad_rows(tmp_path, good, bad)
+    with caplog.at_level(logging.WARNING, logger="mva_lightning.data.sources"):
+        pairs = load([path], on_bad_row="skip")
+    assert len(pairs) == 6
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert text.startswith(f"{path}: skipped 3 of 9 rows (")
+    for reason in reasons:
+        assert reason in text
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_on_bad_row_error_raises_at_the_first_bad_row(source, tmp_path):
+    load, good, bad, _ = SOURCES[source]
+    path = _bad_rows(tmp_path, good, bad)
+    with pytest.raises(DataError, match=r"mixed\.jsonl, line 2: "):
+        load([path])
+    with pytest.raises(DataError, match=r"mixed\.jsonl, line 2: "):
+        load([path], on_bad_row="error")
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_on_bad_row_unknown_value(source, tmp_path):
+    load, good, _, _ = SOURCES[source]
+    path = _write(tmp_path / "ok.jsonl", [good])
+    with pytest.raises(DataError, match=r"on_bad_row should be one of 'error', 'skip', got 'drop'"):
+        load([path], on_bad_row="drop")
+
+
+def test_on_bad_row_skip_all_bad_and_unreadable_files(tmp_path):
+    bad = _write(tmp_path / "bad.jsonl", ["{", {"chosen": "x"}])
+    with pytest.raises(DataError, match=r"hh-rlhf: no preference pairs: all 2 of 2 rows"):
+        hh_rlhf(files=[bad], on_bad_row="skip")
+    with pytest.raises(DataError, match=r"nope\.jsonl: does not exist"):
+        hh_rlhf(files=[bad, tmp_path / "nope.jsonl"], on_bad_row="skip")
+    not_gzip = tmp_path / "fake.jsonl.gz"
+    not_gzip.write_text(json.dumps(JSONL_ROW) + "\n")
+    with pytest.raises(DataError, match=r"fake\.jsonl\.gz, line 1: cannot read the file"):
+        jsonl_pairs([not_gzip], on_bad_row="skip")
+
+
+def test_on_bad_row_skip_lists_the_first_lines_per_file(tmp_path, caplog):
+    a = _write(tmp_path / "a.jsonl", [JSONL_ROW, *["{"] * 7])
+    b = tmp_path / "b.jsonl.gz"
+    with gzip.open(b, "wb") as f:
+        f.write(json.dumps(JSONL_ROW).encode() + b"\n\xff\xfe\n")
+    with caplog.at_level(logging.WARNING, logger="mva_lightning.data.sources"):
+        pairs = jsonl_pairs([a, b], on_bad_row="skip")
+    assert len(pairs) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"{a}: skipped 7 of 8 rows (7 x not valid JSON, lines 2, 3, 4, 5, 6, ...)",
+        f"{b}: skipped 1 of 2 rows (1 x not UTF-8, line 2)",
+    ]
+
+
+def test_on_bad_row_skip_on_hub_rows(monkeypatch, caplog):
+    rows = [JSONL_ROW, {"prompt": "p", "chosen": "c"}]
+    _fake_datasets(monkeypatch, lambda name, data_dir=None, split=None: rows)
+    with caplog.at_level(logging.WARNING, logger="mva_lightning.data.sources"):
+        assert hub_pairs("me/prefs", on_bad_row="skip") == [PreferencePair("p", "c", "r")]
+    assert (
+        "me/prefs[train]: skipped 1 of 2 rows (1 x missing key 'rejected', line 2)" in caplog.text
+    )

@@ -8,7 +8,10 @@ paper's seeded 5 % test / 1 % validation split.
 
 Local files (``.jsonl`` or ``.jsonl.gz``; glob patterns allowed) work offline; without them a
 source calls ``datasets.load_dataset``. Every bad input raises :class:`DataError`, whose message
-names the file (or hub dataset), the 1-based line (or row) and the key at fault.
+names the file (or hub dataset), the 1-based line (or row) and the key at fault. With
+``on_bad_row="skip"`` a source leaves out bad rows (:class:`RowError`: not JSON, a missing key,
+no shared prompt, ...) instead, and logs one warning per file with their count, reasons and first
+line numbers; a file that cannot be read at all is still an error.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -32,8 +36,10 @@ ASSISTANT = "\n\nAssistant:"
 HUMAN = "\n\nHuman:"
 PKU_LABELS = {"better": "better_response_id", "safer": "safer_response_id"}
 
+ON_BAD_ROW = ("error", "skip")
+SHOWN_LINES = 5  # line numbers listed per reason in the skipped-rows warning
+
 Files = Sequence[str | os.PathLike] | str | os.PathLike
-Row = tuple[str, int, dict[str, Any]]  # (file or dataset name, 1-based line/row, object)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,23 @@ class PreferencePair:
 
 class DataError(ValueError):
     """Bad preference data: the message names the file, line and key, and what was expected."""
+
+
+class RowError(DataError):
+    """One bad row (line), which ``on_bad_row="skip"`` leaves out.
+
+    Attributes:
+        reason: What is wrong, in a few words, for the skipped-rows count (``"not valid JSON"``,
+            ``"missing key 'rejected'"``); the message says it in full, with file and line.
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# (file or dataset name, 1-based line/row, the object or the RowError of a line that is not one)
+Row = tuple[str, int, dict[str, Any] | RowError]
 
 
 @dataclass
@@ -74,16 +97,29 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
 
     Raises:
         DataError: The file is missing or unreadable, a line is not valid UTF-8 JSON, or a line
-            holds something other than a JSON object.
+            holds something other than a JSON object (a :class:`RowError`).
     """
+    return _read_lines(_check_file(path))
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    for lineno, obj in _scan_lines(path):
+        if isinstance(obj, RowError):
+            raise obj
+        yield lineno, obj
+
+
+def _check_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise DataError(f"{path}: {what}; expected a .jsonl or .jsonl.gz file")
-    return _read_lines(path)
+    return path
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _scan_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    """``(line_number, object)`` per non-blank line, or ``(line_number, RowError)`` for a line
+    that is not a JSON object (the scan goes on); a file that cannot be read raises."""
     opener = gzip.open if path.suffix == ".gz" else open
     lineno = 0
     try:
@@ -93,20 +129,31 @@ def _read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     # utf-8-sig: a file saved with a byte-order mark reads like any other
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{path}, line {lineno}: not valid UTF-8 ({e})") from e
+                    err = RowError(f"{path}, line {lineno}: not valid UTF-8 ({e})", "not UTF-8")
+                    err.__cause__ = e
+                    yield lineno, err
+                    continue
                 if not line:
                     continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(
+                    err = RowError(
                         f"{path}, line {lineno}: not valid JSON ({e.msg}); "
-                        "expected one JSON object per line"
-                    ) from e
-                if not isinstance(obj, dict):
-                    raise DataError(
-                        f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}"
+                        "expected one JSON object per line",
+                        "not valid JSON",
                     )
+                    err.__cause__ = e
+                    yield lineno, err
+                    continue
+                if not isinstance(obj, dict):
+                    what = type(obj).__name__
+                    err = RowError(
+                        f"{path}, line {lineno}: expected a JSON object, got {what}",
+                        "not a JSON object",
+                    )
+                    yield lineno, err
+                    continue
                 yield lineno, obj
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}, line {lineno + 1}: cannot read the file ({e})") from e
@@ -132,8 +179,9 @@ def _expand(files: Files) -> list[str]:
 
 
 def _file_rows(files: Files) -> Iterator[Row]:
+    # rows and RowErrors of bad lines; a file that cannot be read raises in every mode
     for name in _expand(files):
-        for lineno, obj in read_jsonl(name):
+        for lineno, obj in _scan_lines(_check_file(name)):
             yield name, lineno, obj
 
 
@@ -156,15 +204,27 @@ def _hub_rows(name: str, split: str, data_dir: str | None = None) -> Iterator[Ro
 
 def _text(obj: dict[str, Any], key: str, name: str, lineno: int) -> str:
     if key not in obj:
-        raise DataError(
-            f"{name}, line {lineno}: missing key {key!r}; the row has keys {sorted(obj)}"
+        raise RowError(
+            f"{name}, line {lineno}: missing key {key!r}; the row has keys {sorted(obj)}",
+            f"missing key {key!r}",
         )
     value = obj[key]
     if not isinstance(value, str):
-        raise DataError(
-            f"{name}, line {lineno}: key {key!r} should hold a string, got {type(value).__name__}"
+        raise RowError(
+            f"{name}, line {lineno}: key {key!r} should hold a string, got {type(value).__name__}",
+            f"key {key!r} not a string",
         )
     return value
+
+
+def _check_on_bad_row(on_bad_row: str, source: str) -> bool:
+    """Whether to skip bad rows; an unknown ``on_bad_row`` is an error."""
+    if on_bad_row not in ON_BAD_ROW:
+        raise DataError(
+            f"{source}: on_bad_row should be one of {', '.join(map(repr, ON_BAD_ROW))}, "
+            f"got {on_bad_row!r}"
+        )
+    return on_bad_row == "skip"
 
 
 def _collect(
@@ -172,12 +232,55 @@ def _collect(
     parse: Callable[[dict[str, Any], str, int], PreferencePair],
     source: str,
     max_rows: int | None,
+    on_bad_row: str = "error",
 ) -> list[PreferencePair]:
+    skip = _check_on_bad_row(on_bad_row, source)
     if max_rows is not None:
         if max_rows < 1:
             raise DataError(f"{source}: max_rows should be a positive integer, got {max_rows}")
         rows = islice(rows, max_rows)
-    return clean_pairs([parse(obj, name, lineno) for name, lineno, obj in rows], source)
+    pairs: list[PreferencePair] = []
+    read: Counter[str] = Counter()  # rows read per file
+    skipped: dict[str, dict[str, list[int]]] = {}  # file -> reason -> line numbers
+    for name, lineno, obj in rows:
+        read[name] += 1
+        try:
+            if isinstance(obj, RowError):
+                raise obj
+            pairs.append(parse(obj, name, lineno))
+        except RowError as err:
+            if not skip:
+                raise
+            skipped.setdefault(name, {}).setdefault(err.reason, []).append(lineno)
+    for name, reasons in skipped.items():
+        log.warning("%s", skipped_summary(name, read[name], reasons))
+    if skipped and not pairs:
+        n_read = sum(read.values())
+        n_bad = sum(len(lines) for reasons in skipped.values() for lines in reasons.values())
+        raise DataError(
+            f"{source}: no preference pairs: all {n_bad} of {n_read} rows read were bad and "
+            f"skipped (on_bad_row='skip'; see the warnings above for why)"
+        )
+    return clean_pairs(pairs, source)
+
+
+def skipped_summary(name: str, total: int, reasons: dict[str, list[int]]) -> str:
+    """``"f.jsonl: skipped 3 of 120 rows (2 x missing key 'rejected', lines 4, 9; 1 x ...)"``.
+
+    Args:
+        name: The file (or hub dataset).
+        total: Rows read from it.
+        reasons: Line numbers of the skipped rows, by reason; the first
+            :data:`SHOWN_LINES` of each are listed.
+    """
+    parts = []
+    for reason, lines in sorted(reasons.items(), key=lambda kv: (-len(kv[1]), kv[1][0])):
+        shown = ", ".join(map(str, lines[:SHOWN_LINES])) + (
+            ", ..." if len(lines) > SHOWN_LINES else ""
+        )
+        parts.append(f"{len(lines)} x {reason}, line{'s' if len(lines) > 1 else ''} {shown}")
+    n = sum(len(lines) for lines in reasons.values())
+    return f"{name}: skipped {n} of {total} rows ({'; '.join(parts)})"
 
 
 # ----------------------------------------------------------------------------- HH-RLHF
@@ -221,7 +324,10 @@ def _hh_row(obj: dict[str, Any], name: str, lineno: int) -> PreferencePair:
     try:
         return PreferencePair(*split_transcript(chosen, rejected))
     except DataError as e:
-        raise DataError(f"{name}, line {lineno}: keys 'chosen'/'rejected': {e}") from None
+        raise RowError(
+            f"{name}, line {lineno}: keys 'chosen'/'rejected': {e}",
+            "no shared prompt ending at 'Assistant:'",
+        ) from None
 
 
 def hh_rlhf(
@@ -230,6 +336,7 @@ def hh_rlhf(
     data_dir: str = "helpful-base",
     split: str = "train",
     max_rows: int | None = None,
+    on_bad_row: str = "error",
 ) -> list[PreferencePair]:
     """Load Anthropic HH-RLHF pairs (``chosen`` / ``rejected`` full transcripts).
 
@@ -241,17 +348,24 @@ def hh_rlhf(
             (harmlessness), ``helpful-online``, ``helpful-rejection-sampled``.
         split: Hub split.
         max_rows: Keep only the first ``max_rows`` rows read, counted before cleaning.
+        on_bad_row: ``"error"``: the first bad row (not a JSON object, a missing or
+            non-string key, transcripts without a shared prompt) raises :class:`DataError`;
+            ``"skip"``: bad rows are left out and one warning per file counts them by reason,
+            with their first line numbers.
 
     Returns:
         Cleaned pairs (see :func:`split_transcript` and :func:`clean_pairs`).
 
     Raises:
-        DataError: A file or key is missing or malformed, the hub is unreachable, or no pair
-            survives cleaning.
+        DataError: A file or key is missing or malformed (a bad row only with
+            ``on_bad_row="error"``), the hub is unreachable, ``on_bad_row`` is unknown, or no
+            pair survives skipping and cleaning.
     """
     if files is not None:
-        return _collect(_file_rows(files), _hh_row, "hh-rlhf", max_rows)
-    return _collect(_hub_rows(hub, split, data_dir), _hh_row, f"hh-rlhf/{data_dir}", max_rows)
+        return _collect(_file_rows(files), _hh_row, "hh-rlhf", max_rows, on_bad_row)
+    _check_on_bad_row(on_bad_row, "hh-rlhf")  # before any download
+    rows = _hub_rows(hub, split, data_dir)
+    return _collect(rows, _hh_row, f"hh-rlhf/{data_dir}", max_rows, on_bad_row)
 
 
 # ----------------------------------------------------------------------------- PKU-SafeRLHF
@@ -266,10 +380,16 @@ def _pku_parser(label: str) -> Callable[[dict[str, Any], str, int], PreferencePa
         prompt = _text(obj, "prompt", name, lineno)
         responses = [_text(obj, f"response_{i}", name, lineno) for i in (0, 1)]
         if key not in obj:
-            raise DataError(f"{name}, line {lineno}: missing key {key!r}; expected 0 or 1")
+            raise RowError(
+                f"{name}, line {lineno}: missing key {key!r}; expected 0 or 1",
+                f"missing key {key!r}",
+            )
         best = obj[key]
         if isinstance(best, bool) or not isinstance(best, int) or best not in (0, 1):
-            raise DataError(f"{name}, line {lineno}: key {key!r} should be 0 or 1, got {best!r}")
+            raise RowError(
+                f"{name}, line {lineno}: key {key!r} should be 0 or 1, got {best!r}",
+                f"key {key!r} not 0 or 1",
+            )
         return PreferencePair(
             prompt=f"{HUMAN} {prompt.strip()}{ASSISTANT}",
             chosen=responses[best].strip(),
@@ -286,6 +406,7 @@ def pku_saferlhf(
     label: str = "better",
     max_rows: int | None = None,
     data_dir: str | None = None,
+    on_bad_row: str = "error",
 ) -> list[PreferencePair]:
     """Load PKU-SafeRLHF pairs, helpful or harmless by ``label``.
 
@@ -303,18 +424,24 @@ def pku_saferlhf(
             ``rejected`` is the other response.
         max_rows: Keep only the first ``max_rows`` rows read, counted before cleaning.
         data_dir: Hub subfolder (e.g. ``data/Alpaca3-8B``); ``None`` loads every one.
+        on_bad_row: ``"error"``: the first bad row (not a JSON object, a missing or
+            non-string key, a label other than 0 or 1) raises :class:`DataError`; ``"skip"``:
+            bad rows are left out and one warning per file counts them by reason, with their
+            first line numbers.
 
     Returns:
         Cleaned pairs (see :func:`clean_pairs`).
 
     Raises:
-        DataError: Unknown ``label``, a missing or malformed file or key, an unreachable hub,
-            or no pair left after cleaning.
+        DataError: Unknown ``label`` or ``on_bad_row``, a missing or malformed file or key (a
+            bad row only with ``on_bad_row="error"``), an unreachable hub, or no pair left
+            after skipping and cleaning.
     """
     parse = _pku_parser(label)  # fails fast on a bad label, before any download
     source = f"pku-saferlhf/{label}"
+    _check_on_bad_row(on_bad_row, source)
     rows = _file_rows(files) if files is not None else _hub_rows(hub, split, data_dir)
-    return _collect(rows, parse, source, max_rows)
+    return _collect(rows, parse, source, max_rows, on_bad_row)
 
 
 # ----------------------------------------------------------------------------- generic
@@ -339,6 +466,7 @@ def jsonl_pairs(
     chosen_key: str = "chosen",
     rejected_key: str = "rejected",
     max_rows: int | None = None,
+    on_bad_row: str = "error",
 ) -> list[PreferencePair]:
     """Load pairs from local JSONL files whose rows hold prompt, chosen and rejected strings.
 
@@ -350,16 +478,20 @@ def jsonl_pairs(
         chosen_key: Key of the preferred response.
         rejected_key: Key of the other response.
         max_rows: Keep only the first ``max_rows`` rows read, counted before cleaning.
+        on_bad_row: ``"error"``: the first bad row (not a JSON object, a missing or
+            non-string key) raises :class:`DataError`; ``"skip"``: bad rows are left
+            out and one warning per file counts them by reason, with their first line numbers.
 
     Returns:
         Cleaned pairs (see :func:`clean_pairs`).
 
     Raises:
-        DataError: A missing or malformed file, a missing key, a non-string value, or no pair
-            left after cleaning.
+        DataError: A missing or malformed file, a missing key or a non-string value (only with
+            ``on_bad_row="error"``), an unknown ``on_bad_row``, or no pair left after skipping
+            and cleaning.
     """
     parse = _keyed_parser(prompt_key, chosen_key, rejected_key)
-    return _collect(_file_rows(files), parse, "jsonl", max_rows)
+    return _collect(_file_rows(files), parse, "jsonl", max_rows, on_bad_row)
 
 
 def hub_pairs(
@@ -370,6 +502,7 @@ def hub_pairs(
     chosen_key: str = "chosen",
     rejected_key: str = "rejected",
     max_rows: int | None = None,
+    on_bad_row: str = "error",
 ) -> list[PreferencePair]:
     """Load pairs from a hub dataset with prompt, chosen and rejected string columns.
 
@@ -381,16 +514,20 @@ def hub_pairs(
         chosen_key: Column of the preferred response.
         rejected_key: Column of the other response.
         max_rows: Keep only the first ``max_rows`` rows, counted before cleaning.
+        on_bad_row: ``"error"``: the first row with a missing or non-string column raises
+            :class:`DataError`; ``"skip"``: such rows are left out and counted in one warning.
 
     Returns:
         Cleaned pairs (see :func:`clean_pairs`); values are kept exactly as stored.
 
     Raises:
-        DataError: The hub is unreachable, a column is missing or not a string, or no pair is
-            left after cleaning.
+        DataError: The hub is unreachable, a column is missing or not a string (only with
+            ``on_bad_row="error"``), ``on_bad_row`` is unknown, or no pair is left after
+            skipping and cleaning.
     """
     parse = _keyed_parser(prompt_key, chosen_key, rejected_key)
-    return _collect(_hub_rows(name, split, data_dir), parse, name, max_rows)
+    _check_on_bad_row(on_bad_row, name)  # before any download
+    return _collect(_hub_rows(name, split, data_dir), parse, name, max_rows, on_bad_row)
 
 
 # ----------------------------------------------------------------------------- clean / split

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from mva_lightning.errors import user_errors
 from mva_lightning.sweep.manifest import MANIFEST, ExtrapolationResult
 
 if TYPE_CHECKING:
@@ -157,13 +158,9 @@ def main(cfg: DictConfig) -> float:
     """Rerun the sweep, print its metrics and where the manifest is; return the hypervolume."""
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise SystemExit(USAGE)
-    try:
+    with user_errors(ValueError):  # the user's input: one line (HYDRA_FULL_ERROR=1: traceback)
         run = sweep_config(cfg.run_dir, cfg.get("extrapolation"))
         callback = run_sweep(run, cfg.run_dir, cfg.device)
-    except (FileNotFoundError, ValueError) as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the whole traceback
-            raise
-        raise SystemExit(f"error: {err}") from None  # the user's input: one line
     result = callback.result
     print(" ".join(f"{k}={v:.4g}" for k, v in result.metrics().items()))
     print(
