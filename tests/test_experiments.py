@@ -103,6 +103,15 @@ def test_experiment_runs_fast_dev_run(name, tmp_path, monkeypatch):
     assert "pareto/hypervolume" in metrics
 
 
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_can_turn_its_sweep_off(name):
+    """`+experiment=NAME extrapolation=none` composes, and train() then builds no sweep."""
+    cfg = compose([f"+experiment={name}", "extrapolation=none"])
+    node = cfg.get("extrapolation")
+    assert node is None or "_target_" not in node  # what train() reads as "no sweep"
+    assert "_target_" in compose([f"+experiment={name}"]).extrapolation
+
+
 def test_bt_scorer_script_asks_for_the_data_folder(monkeypatch, tmp_path, capsys):
     monkeypatch.syspath_prepend(str(REPO / "experiments"))
     import train_bt_scorer

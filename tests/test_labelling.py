@@ -75,3 +75,10 @@ def test_humor_value_defaults_to_the_hub_classifier():
     node = cfg.value.humor.source
     assert cfg.value.humor.scorer.name_or_path == "mohameddhiab/humor-no-humor"
     assert node.source.data_dir == "helpful-base" and node.source._partial_
+
+
+def test_spread_keeps_evenly_spaced_items_in_order():
+    from mva_lightning.labelling.sampled import spread
+
+    assert spread(list(range(10)), 4) == [0, 2, 5, 7]
+    assert spread(list(range(3)), 5) == [0, 1, 2] and spread([1, 2], None) == [1, 2]

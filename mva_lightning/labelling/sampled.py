@@ -182,6 +182,7 @@ def scored_pairs(
     cache_dir: str | None = None,
     refusal_candidates: bool = False,
     split: str = "train",
+    max_pairs: int | None = None,
 ) -> list[PreferencePair]:
     """A value's preference pairs built from sampled responses and the value's scorer.
 
@@ -206,6 +207,8 @@ def scored_pairs(
         refusal_candidates: Add one written refusal (:func:`refusal_for`) to every prompt's
             sampled responses before scoring.
         split: The rows of the prompt file to build pairs from.
+        max_pairs: Keep at most this many pairs, evenly spread over the prompt file (so every
+            part of it, and both categories, stay represented); None: all.
     """
     from hydra.utils import instantiate
 
@@ -236,4 +239,13 @@ def scored_pairs(
     )
     if not pairs:
         raise DataError(f"scorer {value_scorer.name!r}: no pair has a score gap above {margin}")
-    return pairs
+    return spread(pairs, max_pairs)
+
+
+def spread(items: list, n: int | None) -> list:
+    """At most ``n`` of ``items``, evenly spaced and in order (all of them when n is None)."""
+    if n is None or n >= len(items):
+        return items
+    if n < 1:
+        raise ValueError(f"max_pairs must be >= 1, got {n}")
+    return [items[(i * len(items)) // n] for i in range(n)]
