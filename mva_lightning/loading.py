@@ -22,12 +22,17 @@ Preference = Sequence[float] | Mapping[str, float] | None
 
 
 def write_adapter(
-    config, state: Mapping, folder: str | os.PathLike, extra_json: Mapping[str, Any] | None = None
+    config,
+    state: Mapping,
+    folder: str | os.PathLike,
+    extra_json: Mapping[str, Any] | None = None,
+    extra_text: Mapping[str, str] | None = None,
 ) -> Path:
     """Save a LoRA config and tensors as a standard PEFT adapter folder, atomically.
 
     The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (plus one JSON
-    file per ``extra_json`` entry, file name -> object) and loads with
+    file per ``extra_json`` entry, file name -> object, and one text file per ``extra_text``
+    entry, e.g. a model card ``README.md``) and loads with
     ``PeftModel.from_pretrained(base, folder)``. It appears whole or not at all.
     """
     from safetensors.torch import save_file
@@ -38,6 +43,8 @@ def write_adapter(
         save_file(dict(state), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        for name, text in (extra_text or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return folder
 
 

@@ -3,7 +3,8 @@
 One run is one ``Trainer.fit``: the module trains the value vectors stage by stage inside it
 (:mod:`mva_lightning.training.stages`), :class:`~mva_lightning.training.export.SaveValueVectors`
 writes them when training ends, then the diagnostics and extrapolation callbacks run once, at
-the end of fit. The pieces come from :mod:`mva_lightning.assembly`.
+the end of fit. The pieces come from :mod:`mva_lightning.assembly`. The run ends by writing and
+printing its summary (:mod:`mva_lightning.report`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from mva_lightning.assembly import ConfigError, build, check_config, load_value_splits
 from mva_lightning.io import write_text
 from mva_lightning.profiling import StageTimer, fit_timer
+from mva_lightning.tracking import wandb_settings
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         splits = load_value_splits(cfg)
     with timer.stage("model"):
         backbone, module, datamodule = build(cfg, splits)
-    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
+    loggers = [  # (partial: wandb's `config` keyword would clash with instantiate's)
+        instantiate(node, _partial_=True)(**(wandb_settings(cfg) if _is_wandb(node) else {}))
+        for node in (cfg.get("logger") or {}).values()
+        if node
+    ]
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
     # extrapolation=none (or null) disables it; a method's candidate settings merged into a
     # disabled sweep leave a node without _target_ (conf/method/): disabled too
@@ -86,7 +92,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
             write_json(run_dir / "timings.json", timer.rows)
     finally:
         _finish_wandb(loggers)
+    if trainer.is_global_zero:  # the run's last words: where everything is, with intervals
+        from mva_lightning.report import summary
+
+        sweep_dir = (cfg.get("extrapolation") or {}).get("output_subdir") or "extrapolation"
+        text = summary(run_dir, sweep_dir)
+        write_text(run_dir / "summary.md", text)
+        print("\n" + text, flush=True)
     return metrics
+
+
+def _is_wandb(node) -> bool:
+    return str(node.get("_target_", "")).endswith("WandbLogger")
 
 
 def _launch_rank() -> int:

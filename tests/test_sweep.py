@@ -496,6 +496,26 @@ def test_every_score_carries_its_interval_and_the_base_is_chance(toy_data, tmp_p
     assert again.intervals[0]["helpful/ci"] == manifest["rows"][0]["helpful/ci"]
 
 
+def test_a_run_ends_with_its_summary_and_model_cards(toy_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(compose(toy_overrides(toy_data, out, "extrapolation.candidates.values=[0.5,1.0]")))
+    manifest = json.loads((out / "extrapolation" / "pareto.json").read_text())
+    text = (out / "summary.md").read_text()
+    assert capsys.readouterr().out.rstrip().endswith(text.rstrip())  # the last words printed
+    assert f"hypervolume {manifest['hypervolume']:.3g}" in text
+    assert f"Pareto front: {manifest['front_size']} of {len(manifest['rows'])}" in text
+    for value, imp in manifest["improvement"].items():  # the honesty table, one row a value
+        word = "significant" if imp["significant"] else "no detectable difference"
+        assert any(line.startswith(f"| {value} |") and word in line for line in text.splitlines())
+    row = next(r for r in manifest["rows"] if r["on_front"])
+    card = (out / row["checkpoint"] / "README.md").read_text()
+    assert "library_name: peft" in card and "PeftModel.from_pretrained" in card
+    assert f"| test/helpful | {row['test/helpful']:.4g} |" in card
+    none = tmp_path / "none"
+    train(compose(toy_overrides(toy_data, none, "extrapolation=none")))
+    assert "no Pareto sweep" in (none / "summary.md").read_text()
+
+
 def test_the_base_and_every_front_point_answer_held_out_prompts(toy_data, tmp_path):
     out = tmp_path / "run"
     extra = [
@@ -545,3 +565,7 @@ def test_indicators_get_intervals_on_both_splits_and_never_move_the_front(policy
     assert by_w[0.0, 1.0]["flag"] == 1.0 and by_w[0.0, 1.0]["flag/ci"] == [1.0, 1.0]
     assert by_w[1.0, 0.0]["flag/n"] == 2 and by_w[1.0, 0.0]["test/flag/ci"] == [0.0, 0.0]
     assert got.base_scores["flag"] == 0.0 and got.base_scores["test/flag/n"] == 2
+    table = {tuple(r["w"]): r for r in manifest["behaviour"]["flag"]}  # the front on test
+    assert list(table) == [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]
+    assert table[0.0, 1.0]["difference"] == 1.0 and table[0.0, 1.0]["significant"]
+    assert table[1.0, 0.0]["difference_ci"] == [0.0, 0.0] and not table[1.0, 0.0]["significant"]

@@ -65,6 +65,9 @@ class ExtrapolationResult:
         improvement: Per value, the front point with the best selection score against the base
             on the report split: both scores, their paired difference and its interval, and
             ``significant`` (the interval excludes 0).
+        behaviour: Per indicator of the objective (e.g. ``refusal``), one record per front point
+            on the report split, the base first: its rate with interval and ``n``, and the paired
+            difference from the base with its interval and ``significant``.
     """
 
     values: list[str]
@@ -87,6 +90,7 @@ class ExtrapolationResult:
     hypervolume_ci: list[float] | None = None
     bootstrap: dict[str, Any] | None = None
     improvement: dict[str, dict[str, Any]] | None = None
+    behaviour: dict[str, list[dict[str, Any]]] | None = None
 
     @property
     def front_size(self) -> int:
@@ -164,7 +168,7 @@ class ExtrapolationResult:
 
 
 _PER_ROW = ("weights", "scores", "on_front", "checkpoints", "report", "intervals")
-_OPTIONAL = ("hypervolume_ci", "bootstrap", "improvement")
+_OPTIONAL = ("hypervolume_ci", "bootstrap", "improvement", "behaviour")
 
 
 def _is_interval(column: str) -> bool:
@@ -247,8 +251,12 @@ def save_checkpoints(
     out_dir: Path,
     run_dir: Path,
     fingerprint: str,
+    report: Mapping[tuple[float, ...], Mapping[str, Any]] | None = None,
 ) -> list[str | None]:
     """One adapter folder per kept w (``out_dir/checkpoints/<w>/``), stale folders removed.
+
+    Each folder is a PEFT adapter with ``preference.json`` (w and scores) and a model card
+    (``README.md``: base model, values, w, scores, how to load it with plain PEFT).
 
     Args:
         policy: The PEFT model holding the adapters ``names``.
@@ -260,6 +268,7 @@ def save_checkpoints(
         out_dir: The sweep's folder.
         run_dir: The returned paths are relative to it.
         fingerprint: The score cache's key, recorded in ``preference.json``.
+        report: Per w, its columns on the report split (``test/...``), for the model card.
 
     Returns:
         Per candidate, its folder relative to ``run_dir``, or None when not kept.
@@ -284,7 +293,14 @@ def save_checkpoints(
             "on_front": bool(on_front),
             "fingerprint": fingerprint,
         }
-        write_adapter(config, state, target, extra_json={"preference.json": meta})
+        card = model_card(config, meta, (report or {}).get(w, {}))
+        write_adapter(
+            config,
+            state,
+            target,
+            extra_json={"preference.json": meta},
+            extra_text={"README.md": card},
+        )
         wanted.add(target.name)
         paths.append(os.path.relpath(target, run_dir))
     if folder.is_dir():  # a rerun may have moved the front: drop our stale folders
@@ -292,6 +308,52 @@ def save_checkpoints(
             if old.name not in wanted and (old / "preference.json").is_file():
                 shutil.rmtree(old, ignore_errors=True)
     return paths
+
+
+def model_card(config, meta: Mapping[str, Any], report: Mapping[str, Any]) -> str:
+    """A Hugging Face model card for one front checkpoint (its ``README.md``)."""
+    base = getattr(config, "base_model_name_or_path", None) or "the run's base model"
+    w = ", ".join(f"{v} = {x:g}" for v, x in meta["preference"].items())
+    rows = []
+    for column, score in {**meta["scores"], **report}.items():
+        if isinstance(score, float) and not column.endswith("/std"):
+            ci = {**meta["scores"], **report}.get(f"{column}/ci")
+            rows.append(
+                f"| {column} | {score:.4g} |" + (f" [{ci[0]:.4g}, {ci[1]:.4g}] |" if ci else " - |")
+            )
+    return "\n".join(
+        [
+            "---",
+            "library_name: peft",
+            f"base_model: {base}",
+            "tags: [mva_lightning, lora, multi-value-alignment, dpo]",
+            "---",
+            "",
+            f"# {w_label(meta['w'])}: one point of a multi-value Pareto set",
+            "",
+            f"A LoRA adapter made by mva_lightning: the base model plus the weighted sum of the "
+            f"value vectors ({w}), merged into one adapter of rank r x {len(meta['values'])}. "
+            f"{'On' if meta['on_front'] else 'Not on'} the Pareto front of its sweep.",
+            "",
+            "| score | value | 95% CI |",
+            "|---|---|---|",
+            *rows,
+            "",
+            "Scores are means over held-out prompts or pairs (selection split unprefixed, report "
+            "split prefixed); higher is better.",
+            "",
+            "## Load it",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+            'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+            "```",
+            "",
+        ]
+    )
 
 
 def read_per_item(path: str | os.PathLike) -> tuple[list[Scores | None], Scores | None]:

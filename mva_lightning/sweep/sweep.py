@@ -186,14 +186,16 @@ def extrapolate(
     hv_ci = None
     if res is not None:
         per_row = _intervals(res, values, boot, by_w, rows)
-        for cols, more in zip(per_row, _indicator_intervals(by_w, rows, values, boot), strict=True):
-            cols.update(more)
+        more, _ = _indicator_intervals(by_w, rows, values, boot)
+        for cols, ind in zip(per_row, more, strict=True):
+            cols.update(ind)
         base = {**base, **per_row[0]}
         intervals = per_row[1:]
         hv_ci = boot.interval(bootstrap_mod.hypervolumes(res, range(1, len(rows)), fixed_ref))
 
     report: list[dict[str, float]] = [{} for _ in weights]
     improvement = None
+    behaviour: dict[str, list[dict]] = {}
     if report_objective is not None:
         # The base (w = 0) is scored on the report split too: the honest comparison there.
         front = [zero, *(w for w, m in zip(weights, mask, strict=True) if m and w != zero)]
@@ -213,7 +215,7 @@ def extrapolate(
         extra = {w: {} for w in front}
         if res_report is not None:
             per_row = _intervals(res_report, values, boot, got, front)
-            more = _indicator_intervals(got, front, values, boot)
+            more, behaviour = _indicator_intervals(got, front, values, boot)
             for w, cols, ind in zip(front, per_row, more, strict=True):
                 extra[w] = {**cols, **ind}
             improvement = _improvement(res_report, front, values, by_w, got, boot)
@@ -224,7 +226,16 @@ def extrapolate(
 
     keep = [bool(m) for m in mask] if save == "front" else [True] * len(weights)
     checkpoints = save_checkpoints(
-        policy, names, weights, by_w, mask, keep, out_dir, run_dir, cache_key
+        policy,
+        names,
+        weights,
+        by_w,
+        mask,
+        keep,
+        out_dir,
+        run_dir,
+        cache_key,
+        {w: r for w, r in zip(weights, report, strict=True) if r},
     )
     result = ExtrapolationResult(
         values=values,
@@ -247,6 +258,7 @@ def extrapolate(
         hypervolume_ci=hv_ci,
         bootstrap=asdict(boot) if res is not None else None,
         improvement=improvement,
+        behaviour=behaviour or None,
     )
     write_manifest(out_dir, result)
     if reading.num_prompts and datamodule is not None:  # what each front point says
@@ -299,21 +311,41 @@ def _intervals(res, values, boot: Bootstrap, by_w, rows) -> list[dict]:
     ]
 
 
-def _indicator_intervals(by_w, rows, values, boot: Bootstrap) -> list[dict]:
-    """Per row, ``{name}/ci`` and ``{name}/n`` of every indicator (a column with per-item
-    values that is not a value, NaN where an item does not count), on the same resamples of
-    the shared items as the values."""
+def _indicator_intervals(by_w, rows, values, boot: Bootstrap) -> tuple[list[dict], dict]:
+    """Intervals of every indicator (a column with per-item values that is not a value, NaN
+    where an item does not count), on the same resamples of the shared items as the values.
+
+    Returns:
+        Per row, ``{name}/ci`` and ``{name}/n``; and per indicator, a record per row (row 0
+        the base): ``w``, ``rate``, ``ci``, ``n`` and the paired ``difference`` from the base
+        with its ``difference_ci`` and ``significant`` (the interval excludes 0).
+    """
     first = by_w[rows[0]].per_item
     names = [k for k in first if k not in values and all(k in by_w[w].per_item for w in rows)]
-    out: list[dict] = [{} for _ in rows]
+    cols: list[dict] = [{} for _ in rows]
+    table: dict[str, list[dict]] = {}
     for name in names:
         items = np.array([by_w[w].per_item[name] for w in rows])  # (C, n), NaN: not counted
         counts = boot.counts({name: items.shape[1]}, shared=True)[name]
-        ci = boot.interval(bootstrap_mod.resampled_rates(items, counts))
+        rates = bootstrap_mod.resampled_rates(items, counts)  # (C, B)
+        ci, diff_ci = boot.interval(rates), boot.interval(rates - rates[:1])
         n = int((~np.isnan(items[0])).sum())
-        for i in range(len(rows)):
-            out[i].update({f"{name}/ci": ci[i], f"{name}/n": n})
-    return out
+        table[name] = []
+        for i, w in enumerate(rows):
+            cols[i].update({f"{name}/ci": ci[i], f"{name}/n": n})
+            rate = by_w[w][name]
+            table[name].append(
+                {
+                    "w": list(w),
+                    "rate": rate,
+                    "ci": ci[i],
+                    "n": n,
+                    "difference": rate - by_w[rows[0]][name],
+                    "difference_ci": diff_ci[i],
+                    "significant": bool(diff_ci[i][0] > 0 or diff_ci[i][1] < 0),
+                }
+            )
+    return cols, table
 
 
 def _improvement(res, front, values, selection, report, boot: Bootstrap) -> dict:
