@@ -52,13 +52,14 @@ def summary(run_dir: str | os.PathLike, sweep_dir: str = "extrapolation") -> str
     manifest_path = run / sweep_dir / "pareto.json"
     adapters = run / "adapters"
     if adapters.is_dir():
-        names = sorted(p.name for p in adapters.iterdir() if p.is_dir())
-        lines.append(f"- value vectors (PEFT adapters): `{adapters}/` ({', '.join(names)})")
+        folders = sorted(p.name for p in adapters.iterdir() if p.is_dir())
+        lines.append(f"- value vectors (PEFT adapters): `{adapters}/` ({', '.join(folders)})")
     if not manifest_path.is_file():
         lines += ["- no Pareto sweep in this run (extrapolation=none or not finished)", ""]
         return "\n".join(lines)
     m = json.loads(manifest_path.read_text())
     values, split = m["values"], m.get("report_split")
+    names = m.get("adapters") or values  # what w weights: the values, or a shared adapter
     front = [r for r in m["rows"] if r.get("on_front")]
     hv = f"{_num(m['hypervolume'])} {_ci(m.get('hypervolume_ci'))}"
     lines += [
@@ -69,7 +70,7 @@ def summary(run_dir: str | os.PathLike, sweep_dir: str = "extrapolation") -> str
         "folders, each with a model card)",
     ]
     if front:
-        w = [front[0][f"w/{a}"] for a in (m.get("adapters") or values)]
+        w = [front[0][f"w/{a}"] for a in names]
         lines.append(
             f"- load a point: `from mva_lightning import load_policy; "
             f"model, tok = load_policy('{run}', {w})`"
@@ -85,7 +86,9 @@ def summary(run_dir: str | os.PathLike, sweep_dir: str = "extrapolation") -> str
         ]
         base = m["base_scores"]
         for v, imp in improvement.items():
-            best_row = next((r for r in m["rows"] if [r[f"w/{a}"] for a in values] == imp["w"]), {})
+            best_row = next(
+                (r for r in m["rows"] if [r.get(f"w/{a}") for a in names] == imp["w"]), {}
+            )
             lines.append(
                 f"| {v} | {_num(imp['base'])} {_ci(base.get(f'{split}/{v}/ci'))} "
                 f"| {_num(imp['best'])} {_ci(best_row.get(f'{split}/{v}/ci'))} | {_w(imp['w'])} "

@@ -99,7 +99,7 @@ def sweep_config(run_dir: str | os.PathLike, extrapolation: Mapping | None = Non
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(
             f"{run_dir}: no such run folder; expected a finished training run's output folder "
-            "(config.yaml, adapters/<value>/)"
+            "(config.yaml, adapters/<value>/ or a baseline's adapters/<shared adapter>/)"
         )
     cfg = run_config(run_dir)
     settings = sweep_settings(cfg.get("extrapolation"), extrapolation)
@@ -112,6 +112,9 @@ def run_sweep(
 ) -> ExtrapolationCallback:
     """Load the run's value vectors and data as ``cfg`` says and sweep into ``run_dir``.
 
+    A shared-adapter run (``method.shared_adapter``: DPO, DPO-LW, DPO-SeqT, MODPO) loads its one
+    adapter and the candidates weight it, scores per value, as its callback did in training.
+
     Returns:
         The :class:`ExtrapolationCallback` that ran: its ``result``, and its ``out_dir`` (where
         the manifest is).
@@ -119,15 +122,18 @@ def run_sweep(
     from hydra.utils import instantiate
 
     from mva_lightning.assembly import build_datamodule, load_value_splits
-    from mva_lightning.loading import build_policy, run_values
+    from mva_lightning.loading import build_policy, run_adapters, run_values
 
     callback = instantiate(cfg.extrapolation)  # bad settings fail before the model loads
     values = run_values(cfg)
+    # what the candidates weight, as the callback did in training: a shared adapter or None
+    names = run_adapters(cfg)
+    adapters = names if names != values else None
     splits = load_value_splits(cfg)
     policy, backbone = build_policy(cfg, run_dir)
     policy.to(device)
     datamodule = build_datamodule(cfg, splits, backbone.tokenizer)
-    callback.run(policy, datamodule, values, run_dir)
+    callback.run(policy, datamodule, values, run_dir, adapters)
     return callback
 
 
@@ -137,7 +143,8 @@ def rerun(
     """Rerun the sweep of a finished run (what the command does, as a function).
 
     Args:
-        run_dir: The run folder (``config.yaml``, ``adapters/<value>/``).
+        run_dir: The run folder (``config.yaml``, ``adapters/<value>/`` or a shared-adapter
+            baseline's ``adapters/<shared>/``).
         extrapolation: Sweep settings, as the command line composes them (see
             :func:`sweep_settings`): None for the run's own, a full node (with ``_target_``)
             to replace them, or a partial one (e.g. ``{"save": "all"}``) to patch them.
@@ -147,7 +154,8 @@ def rerun(
         The sweep's result, also in ``<run_dir>/<output_subdir>/pareto.json``.
 
     Raises:
-        FileNotFoundError: No run folder, ``config.yaml`` or value vectors.
+        FileNotFoundError: No run folder, ``config.yaml`` or value vectors (a run that did not
+            finish training: the message names the ``ckpt_path=`` command that resumes it).
         ValueError: Bad sweep settings (before the model loads).
     """
     return run_sweep(sweep_config(run_dir, extrapolation), run_dir, device).result

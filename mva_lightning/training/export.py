@@ -19,16 +19,35 @@ class SaveValueVectors(L.Callback):
     written atomically. Runs in ``on_train_end``, which Lightning calls before any callback's
     ``on_fit_end``: a run that fails during its diagnostics or sweep keeps its value vectors.
 
+    A fit resumed (``ckpt_path=``) from a checkpoint taken after training finished, from a run
+    stopped before it wrote them, trains nothing and Lightning skips ``on_train_end``: the
+    vectors are written in ``on_fit_start`` then (the module's state is restored by that time,
+    before the sweep), or in ``on_fit_end`` where the strategy restores it later.
+
     Args:
         dirpath: The run's ``adapters/`` folder.
     """
 
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
+        self._saved = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._saved = False
+        if getattr(pl_module, "finished", False):  # restored from a finished training
+            self._save(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not getattr(pl_module, "finished", True):
             log.warning("training stopped before its last stage: value vectors not exported")
             return
+        self._save(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._saved and getattr(pl_module, "finished", False):
+            self._save(trainer, pl_module)
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._saved = True
         if trainer.is_global_zero:
             lora.save_value_vectors(pl_module.policy, self.dirpath, pl_module.adapter_names)
