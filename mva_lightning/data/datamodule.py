@@ -52,17 +52,66 @@ class _ShardedSampler(DistributedSampler):
         self.shuffle, self.drop_last = True, False
         self.num_samples = -(-size // num_replicas)
         self.total_size = self.num_samples * num_replicas
+        self.start = 0  # where in this rank's share the current pass began (after a resume)
+        self.consumed = 0  # indices of this rank's share handed out so far in the current pass
+        self._resume: tuple[int, int] | None = None  # (fit epoch, indices to skip) once
 
     def set_epoch(self, epoch: int) -> None:
         # Lightning passes the fit's epoch; shuffles count epochs from the stage's start.
+        if epoch - self.epoch_offset != self.epoch:  # a new epoch: nothing of it used yet
+            self.start = self.consumed = 0
         self.epoch = epoch - self.epoch_offset
+
+    @property
+    def fit_epoch(self) -> int:
+        """The fit's epoch this sampler is set to (``set_epoch``'s argument)."""
+        return self.epoch + self.epoch_offset
 
     def order(self) -> list[int]:
         """This epoch's global order of all ``size`` indices."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[int]:
-        return iter(shard(self.order(), self.num_replicas, self.rank))
+        indices = shard(self.order(), self.num_replicas, self.rank)
+        start = 0
+        if self._resume is not None:  # the first pass after load_state_dict
+            epoch, skip = self._resume
+            self._resume = None
+            start = skip if epoch == self.fit_epoch else 0
+        self.start = self.consumed = start
+        return self._hand_out(indices[start:])
+
+    def _hand_out(self, indices: list[int]) -> Iterator[int]:
+        for i in indices:
+            self.consumed += 1
+            yield i
+
+    # A resumable sampler (Lightning saves the train loaders' state in its checkpoints, see
+    # ResumableDataLoader): the state is the position inside the epoch's share.
+    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
+        """``{"epoch": fit epoch, "consumed": indices of this rank's share already used}``.
+
+        ``consumed`` defaults to the indices this sampler handed out in its current pass, which
+        is what training used when the loader has no workers (workers fetch ahead: the loader
+        then passes its own count).
+        """
+        if self._resume is not None and self._resume[0] == self.fit_epoch:
+            epoch, skip = self._resume  # loaded, not yet iterated: still the loaded position
+            return {"epoch": epoch, "consumed": skip}
+        if consumed is None:
+            consumed = self.consumed
+        return {"epoch": self.fit_epoch, "consumed": min(int(consumed), self.num_samples)}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue from a saved position: the next pass over the saved epoch skips the indices
+        already used; a saved epoch that was used up resumes at the next epoch's start."""
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if consumed >= self.num_samples:
+            epoch, consumed = epoch + 1, 0
+        # Lightning calls set_epoch again before the epoch runs; setting it now also covers a
+        # loader whose worker processes start fetching as soon as it is iterated.
+        self.set_epoch(epoch)
+        self._resume = (epoch, consumed) if consumed else None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -123,6 +172,52 @@ class EpochShuffleSampler(_ShardedSampler):
     def order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(self.size, generator=generator).tolist()
+
+
+class ResumableDataLoader(DataLoader):
+    """A training ``DataLoader`` over one of our samplers whose position inside an epoch survives
+    a checkpoint.
+
+    Lightning stores ``state_dict()`` of every train loader that has one in the checkpoint
+    (``loops.fit_loop.combined_loader``) and, when a fit resumes inside an epoch, hands it back
+    through ``load_state_dict`` before the epoch's loader iterator starts. The state is the
+    sampler's position: the fit epoch and how many indices of this rank's share the batches
+    already yielded cover, counted here (exact with worker processes too, which fetch ahead).
+    The resumed pass then yields exactly the batches the interrupted one had not.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pass: tuple[int, int] | None = None  # (fit epoch, start) of the current pass
+        self._yielded = 0  # batches of the current pass handed to training
+
+    def __iter__(self) -> Iterator:
+        # A generator: the underlying iterator (and any workers) starts at the first batch, when
+        # Lightning has set the sampler's epoch.
+        self._pass, self._yielded = None, 0
+        return self._count(super().__iter__)
+
+    def _count(self, make_iterator) -> Iterator:
+        for batch in make_iterator():
+            if self._pass is None:  # the sampler has begun this pass: where?
+                sampler = self.sampler
+                self._pass = (getattr(sampler, "fit_epoch", 0), getattr(sampler, "start", 0))
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        if not isinstance(sampler, _ShardedSampler):  # Lightning swapped it (overfit_batches)
+            return {}
+        consumed = 0  # nothing of the sampler's epoch yet, unless this pass is of that epoch
+        if self._pass is not None and self._pass[0] == sampler.fit_epoch:
+            consumed = self._pass[1] + self._yielded * self.batch_size
+        return sampler.state_dict(consumed=consumed)
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self._pass, self._yielded = None, 0
+        if state and isinstance(self.sampler, _ShardedSampler):
+            self.sampler.load_state_dict(state)
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -200,7 +295,11 @@ class PreferenceDataModule(L.LightningDataModule):
         """A DataLoader over one value's split ([chosen; rejected] batches)."""
         data = self.tokenized(value, split)
         collate = functools.partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
-        kw = dict(collate_fn=collate, num_workers=self.num_workers)
+        # Its own generator: iterating a loader draws a seed for its workers, which would
+        # otherwise come from the global RNG and shift the training steps' random numbers
+        # (dropout) by the number of loaders started, something a resumed run cannot replay.
+        generator = torch.Generator().manual_seed(self.seed)
+        kw = dict(collate_fn=collate, num_workers=self.num_workers, generator=generator)
         world, rank = self.replicas()
         if split == "train" and shuffle and self.bucket_by_length:
             # A pair's tokens: its packed row's length (logps ``share_prompt``) and, closely,
@@ -215,12 +314,12 @@ class PreferenceDataModule(L.LightningDataModule):
                 rank=rank,
                 epoch_offset=self.epoch_offset,
             )
-            return DataLoader(data, batch_size=self.batch_size, sampler=sampler, **kw)
+            return ResumableDataLoader(data, batch_size=self.batch_size, sampler=sampler, **kw)
         size = self.batch_size if split == "train" else self.eval_batch_size
-        sampler = None
         if shuffle:
             sampler = EpochShuffleSampler(len(data), self.seed, world, rank, self.epoch_offset)
-        return DataLoader(data, batch_size=size, sampler=sampler, **kw)
+            return ResumableDataLoader(data, batch_size=size, sampler=sampler, **kw)
+        return DataLoader(data, batch_size=size, **kw)
 
     def replicas(self) -> tuple[int, int]:
         """(world size, global rank) of the attached Trainer; (1, 0) without one."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import lightning as L
@@ -180,6 +181,13 @@ class MVAModule(L.LightningModule):
         self.stage_start_epoch = self.stage_start_step = 0
         self.finished = False
         self._reload_every = 0
+        # Resuming (see on_save_checkpoint): the fit epoch whose end this module last handled,
+        # whether a training batch is between its start and end hooks, and the random states
+        # of a loaded checkpoint, put back when the first resumed batch starts.
+        self._epoch_ended = -1
+        self._in_batch = False
+        self._resume_rng: dict | None = None
+        self._resume_epoch: int | None = None
 
     # ----------------------------------------------------------------- stages
     @property
@@ -253,9 +261,6 @@ class MVAModule(L.LightningModule):
     def trainer_datamodule(self):
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
-
-    def _epochs_in_stage(self) -> int:
-        return self.current_epoch + 1 - self.stage_start_epoch
 
     def _steps_in_stage(self) -> int:
         return self.global_step - self.stage_start_step
@@ -476,7 +481,22 @@ class MVAModule(L.LightningModule):
             self.trainer.fit_loop.max_epochs = self.plan.max_epochs
             self.trainer.fit_loop.epoch_loop.max_steps = self.plan.max_steps
 
+    def on_train_start(self) -> None:
+        # A fit resumed inside an epoch gets no on_train_epoch_start for it: fill the caches now.
+        self._fill_stage_caches()
+        if self._resume_epoch is not None and self.trainer.current_epoch != self._resume_epoch:
+            log.warning(
+                "resumed at fit epoch %d, expected %d: the resumed run may differ from an "
+                "uninterrupted one",
+                self.trainer.current_epoch,
+                self._resume_epoch,
+            )
+        self._resume_epoch = None
+
     def on_train_epoch_start(self) -> None:
+        self._fill_stage_caches()
+
+    def _fill_stage_caches(self) -> None:
         # The stage's first epoch (or the first after a resume): caches that never change.
         dm = self.trainer_datamodule
         if dm is None:
@@ -489,22 +509,40 @@ class MVAModule(L.LightningModule):
                     self.precompute_margins(value, split)  # MODPO: once per split
 
     def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
+        if self._resume_rng is not None:  # the first batch after a resume
+            _set_rng_states(self._resume_rng, self._rng_generators(), self.device)
+            self._resume_rng = None
         if self.plan.step_limit_reached(self._steps_in_stage()):
             return -1  # the stage has taken its steps: skip the rest of this epoch
+        self._in_batch = True
         return None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._in_batch = False
 
     def on_train_epoch_end(self) -> None:
         self.trainer.reload_dataloaders_every_n_epochs = self._reload_every  # boundary done
-        if not self.plan.stage_done(self._epochs_in_stage(), self._steps_in_stage()):
-            return
-        if self.stage + 1 < len(self.stages):
-            self.begin_stage(self.stage + 1, self.current_epoch + 1, self.global_step)
+        self._in_batch = False
+        self._epoch_ended = self.current_epoch
+        ended = self._end_epoch(self.current_epoch, self.global_step)
+        if ended == "stage":
             # The next epoch reads the new stage's values: the Trainer rebuilds its train and
             # val loaders then (only then: each rebuild also starts a loader iterator).
             self.trainer.reload_dataloaders_every_n_epochs = 1
-        else:
-            self.finished = True
+        elif ended == "fit":
             self.trainer.should_stop = True
+
+    def _end_epoch(self, epoch: int, step: int) -> str | None:
+        """End fit epoch ``epoch`` after ``step`` optimizer steps: when the stage is done,
+        begin the next one (``"stage"``) or finish training (``"fit"``)."""
+        epochs_in_stage = epoch + 1 - self.stage_start_epoch
+        if not self.plan.stage_done(epochs_in_stage, step - self.stage_start_step):
+            return None
+        if self.stage + 1 < len(self.stages):
+            self.begin_stage(self.stage + 1, epoch + 1, step)
+            return "stage"
+        self.finished = True
+        return "fit"
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -522,9 +560,24 @@ class MVAModule(L.LightningModule):
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Keep only what was trained: adapters and MI heads, never the frozen base.
+        """Keep only what was trained (adapters and MI heads, never the frozen base), plus what
+        a resumed fit needs to continue exactly as an uninterrupted one.
+
+        Lightning itself saves the optimizers, schedulers, loop counters and the train loaders'
+        positions (:class:`~mva_lightning.data.datamodule.ResumableDataLoader`); it does not
+        save random states. ``mva_resume`` holds them (``rng``: the global ones, for dropout,
+        and the MI penalty's own generators) and where in the fit epoch the checkpoint was
+        written. ``epoch_end_pending``: between the last batch of an epoch and the epoch's end,
+        a point from which Lightning resumes at the next epoch without running
+        ``on_train_epoch_end``: the stage switch (or the finish) that hook makes is made on
+        load instead.
+        """
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if _is_trained(k)}
+        trainer = self._trainer
+        epoch = self.current_epoch if trainer is not None else 0
+        ended = self._epoch_ended == epoch
+        pending = trainer is not None and self._in_batch and bool(trainer.is_last_batch)
         checkpoint["mva"] = {
             "stage": self.stage,
             "stage_start_epoch": self.stage_start_epoch,
@@ -532,6 +585,12 @@ class MVAModule(L.LightningModule):
             "finished": self.finished,
             "values": self.values,
             "schedule": self.schedule,
+        }
+        checkpoint["mva_resume"] = {
+            "epoch": epoch,
+            "epoch_ended": ended,
+            "epoch_end_pending": pending and not ended,
+            "rng": _rng_states(self._rng_generators(), self.device),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -551,10 +610,76 @@ class MVAModule(L.LightningModule):
             int(meta["stage"]), int(meta["stage_start_epoch"]), int(meta["stage_start_step"])
         )
         self.finished = bool(meta.get("finished", False))
+        resume = checkpoint.get("mva_resume") or {}  # absent from older checkpoints
+        self._resume_epoch = None
+        if "epoch" in resume:  # the fit epoch Lightning is expected to go on with
+            epoch = int(resume["epoch"])
+            if resume.get("epoch_end_pending"):  # Lightning goes on with the next epoch
+                self._end_epoch(epoch, int(checkpoint.get("global_step", 0)))
+            ended = resume.get("epoch_ended") or resume.get("epoch_end_pending")
+            self._epoch_ended = epoch if ended else epoch - 1
+            self._resume_epoch = epoch + 1 if ended else epoch
+        self._resume_rng = resume.get("rng")
+
+    def _rng_generators(self) -> dict[str, torch.Generator]:
+        """The MI penalty's own random generators (MINE's marginal shuffles, activation
+        subsampling), by attribute path: they advance with every training step."""
+        found: dict[str, torch.Generator] = {}
+        if self.mi_penalty is None:
+            return found
+        for name, module in self.mi_penalty.named_modules():
+            for attr, value in vars(module).items():
+                if isinstance(value, torch.Generator):
+                    found[f"{name}.{attr}" if name else attr] = value
+        return found
 
 
 def _is_trained(key: str) -> bool:
     return any(tag in key for tag in _TRAINED_STATE)
+
+
+def _rng_states(generators: Mapping[str, torch.Generator], device: torch.device) -> dict:
+    """The random states a training step draws from, as tensors and plain containers (the
+    checkpoint is read back with ``weights_only=True``)."""
+    import numpy as np
+
+    np_state = np.random.get_state()
+    version, words, gauss = random.getstate()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(words), "gauss": gauss},
+        "numpy": {
+            "kind": str(np_state[0]),
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(
+    states: Mapping, generators: Mapping[str, torch.Generator], device: torch.device
+) -> None:
+    """Put back the states of :func:`_rng_states`."""
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    py = states["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = states["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    saved = states.get("generators", {})
+    for name, generator in generators.items():
+        if name in saved:
+            generator.set_state(saved[name])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def initial_loss() -> float:
