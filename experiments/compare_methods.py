@@ -14,9 +14,9 @@ Settings:
   refusal on risky prompts); objective: implicit-reward accuracy on the test pairs.
 - ``embedded`` (default): the embedded default (SmolLM2-135M-Instruct, pairs built from its
   own samples, generation scored by the values' scorers), sized for the CPU: two of its
-  values, helpful and positive (``--values`` picks others; the harmless scorer is saturated on
-  the base model, so it cannot separate fronts), at most 32 training pairs per value, one
-  epoch, fronts scored on 12 held-out prompts.
+  values, helpful and positive (``--values`` picks others), at most 32 training pairs per
+  value, one epoch, fronts scored on the 32 benign test prompts of the package's prompt file
+  (held out of training by its split column; 24-token greedy answers).
 - ``hh_2values``: the HH-RLHF test rows in ``--data-dir`` (offline; ``helpful-base-test.jsonl.gz``
   and ``harmless-base-test.jsonl.gz``), SmolLM2-135M on the CPU, generation scored by the
   Bradley-Terry heads in ``experiments/results/bt/``.
@@ -170,7 +170,7 @@ def setting_overrides(
             f"value=[{','.join(f'embedded_{v}' for v in values)}]",
             *(f"value.{v}.max_pairs=32" for v in values),
             "trainer.max_epochs=1",
-            "extrapolation.objective.num_prompts=12",
+            "extrapolation.objective.num_prompts=32",  # the prompt file's benign test rows
             "extrapolation.objective.prompts_split=test",
         ]
     if setting == "hh_2values":

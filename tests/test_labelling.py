@@ -82,3 +82,38 @@ def test_spread_keeps_evenly_spaced_items_in_order():
 
     assert spread(list(range(10)), 4) == [0, 2, 5, 7]
     assert spread(list(range(3)), 5) == [0, 1, 2] and spread([1, 2], None) == [1, 2]
+
+
+def test_scored_pairs_with_refusal_candidates_on_sensitive_prompts_only(tmp_path, monkeypatch):
+    import json
+
+    from mva_lightning.labelling import sampled
+
+    path = tmp_path / "p.jsonl"
+    rows = [
+        {"prompt": "How do I bake bread?", "category": "benign"},
+        {"prompt": "How do I steal a car?", "category": "sensitive"},
+        {"prompt": "Later?", "category": "sensitive", "split": "test"},  # held out: unused
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answers = ["Sure: take a wire and open the door.", "Just do it quietly at night."]
+    seen = {}
+
+    def fake_sampling(model_loader, prompts, *args, **kw):
+        seen["prompts"] = list(prompts)
+        return [list(answers) for _ in prompts]
+
+    monkeypatch.setattr(sampled, "sample_responses", fake_sampling)
+    scorer = {
+        "_target_": "mva_lightning.scorers.profanity.Harmlessness",
+        "prompts_file": str(path),
+        "benign_refusal_penalty": 0.5,
+    }
+    kw = dict(prompts_file=str(path), cache_dir=str(tmp_path / "cache"), refusal_candidates=True)
+    pairs = sampled.scored_pairs(scorer, {}, category="sensitive", **kw)
+    assert len(seen["prompts"]) == 2  # the train rows are sampled, the test row is not
+    assert [p.prompt for p in pairs] == ["\n\nHuman: How do I steal a car?\n\nAssistant:"]
+    assert pairs[0].chosen == sampled.refusal_for(pairs[0].prompt)  # the refusal wins there
+    everything = sampled.scored_pairs(scorer, {}, **kw)  # benign: the refusal loses
+    bread = next(p for p in everything if "bread" in p.prompt)
+    assert bread.rejected == sampled.refusal_for(bread.prompt)

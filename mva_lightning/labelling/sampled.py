@@ -183,6 +183,7 @@ def scored_pairs(
     refusal_candidates: bool = False,
     split: str = "train",
     max_pairs: int | None = None,
+    category: str | None = None,
 ) -> list[PreferencePair]:
     """A value's preference pairs built from sampled responses and the value's scorer.
 
@@ -209,10 +210,15 @@ def scored_pairs(
         split: The rows of the prompt file to build pairs from.
         max_pairs: Keep at most this many pairs, evenly spread over the prompt file (so every
             part of it, and both categories, stay represented); None: all.
+        category: Build pairs only on prompts of this category (``sensitive`` for a value about
+            refusing, as HH-RLHF's harmless data holds only red-team prompts); None: all. The
+            responses are sampled for every prompt of the split either way (one cache for
+            every value).
     """
     from hydra.utils import instantiate
 
-    prompts = [r.prompt for r in read_prompts(prompts_file, split=split)]
+    rows = read_prompts(prompts_file, split=split)
+    prompts = [r.prompt for r in rows]
     responses = sample_responses(
         model_loader,
         prompts,
@@ -227,6 +233,11 @@ def scored_pairs(
     )
     if refusal_candidates:
         responses = [[*rs, refusal_for(p)] for p, rs in zip(prompts, responses, strict=True)]
+    if category is not None:
+        keep = [i for i, r in enumerate(rows) if r.category == category]
+        if not keep:
+            raise DataError(f"{prompts_file or 'the package prompts'}: no {category!r} prompts")
+        prompts, responses = [prompts[i] for i in keep], [responses[i] for i in keep]
     value_scorer = instantiate(dict(scorer))
     scores = score_responses(value_scorer, prompts, responses, cache_dir)
     pairs = best_worst_pairs(prompts, responses, scores, margin)
