@@ -395,7 +395,8 @@ def test_the_command_writes_only_into_the_run(run, tmp_path):
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'nowhere'}: no such run folder; expected a finished training "
-        "run's output folder (config.yaml, adapters/<value>/)"
+        "run's output folder (config.yaml, adapters/<value>/ or a baseline's "
+        "adapters/<shared adapter>/)"
     )
     assert list(cwd.iterdir()) == []
 
