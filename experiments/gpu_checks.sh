@@ -23,8 +23,8 @@ for value, good, bad in (("helpful", "Here is a full answer.", "No."), ("harmles
             fh.write(json.dumps({"chosen": p + " " + good, "rejected": p + " " + bad}) + "\n")
 PY
 COMMON=(model=tiny "value=[helpful,harmless]" "value.helpful.source.files=[$DATA/helpful.jsonl.gz]"
-  "value.harmless.source.files=[$DATA/harmless.jsonl.gz]" scorer@value.helpful.scorer=relevance
-  scorer@value.harmless.scorer=harmlessness logger=csv trainer.max_epochs=1 extrapolation=none
+  "value.harmless.source.files=[$DATA/harmless.jsonl.gz]"
+  logger=csv trainer.max_epochs=1 extrapolation=none
   "trainer.devices=$DEVICES")
 check() {
   local name="$1"; shift
