@@ -1,6 +1,8 @@
 """Atomic file and folder writes: write beside the target, then rename.
 
-An interrupted run leaves either the old file or the new one, never a half-written one.
+An interrupted run leaves either the old file or the new one, never a half-written one. A write
+that fails (a full disk: ``OSError(ENOSPC)``) leaves the previous file or folder as it was and
+removes its temporary (tests/test_faults.py).
 """
 
 from __future__ import annotations
@@ -52,7 +54,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # the second rename failed: put the previous folder back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

@@ -155,9 +155,10 @@ class MIPenalty(nn.Module):
             if est.has_head and head_step is not None:
                 head_step(est, x, y)
             estimate = est(x, y)
-            # a diverged estimate (inf/NaN, flagged or not) is dropped: it must not reach .grad
+            # a diverged estimate (inf/NaN, flagged or not) never reaches .grad: it is left out
+            # and listed in skipped (the training module stops the run on it)
             if not (estimate.finite and bool(torch.isfinite(estimate.value))):
-                log.warning("MI estimate for %s is not finite; penalty skipped this step", pair)
+                log.warning("MI estimate for %s is not finite", pair)
                 out.skipped.append(pair)
                 continue
             out.total = out.total + estimate.value

@@ -383,10 +383,12 @@ class MVAModule(L.LightningModule):
         penalised = {p[0] for p in pairs}
         captured: dict[str, dict[str, torch.Tensor]] = {}
         dpo_total = torch.zeros((), device=self.device)
+        dpo_losses: dict[str, torch.Tensor] = {}
         self._log_now = self._logging_step()
         for value in self.stage_values:
             with self.capturing_inputs(needs_inputs and value in penalised) as inputs:
                 out = self.dpo(value, batch[value], "train")
+            dpo_losses[value] = out.loss.detach()
             if inputs:
                 mask = batch[value]["attention_mask"].bool()  # (2B, T) real tokens
                 captured[value] = {m: h[mask] for m, h in inputs.items()}  # (N, d_in)
@@ -398,6 +400,10 @@ class MVAModule(L.LightningModule):
         mi = self._mi_penalty(pairs, captured, train_heads=is_update) if pairs else None
         loss = dpo_total + (self.alpha * mi if mi is not None else 0.0)
         self.manual_backward(loss / self.accumulate_grad_batches)
+        # Before any update (one host sync, after backward is queued): NaN never reaches the
+        # value vectors, so never the exported adapters.
+        if not torch.isfinite(loss.detach()).item():
+            self._non_finite_loss(loss, dpo_losses, mi, batch_idx)
         if is_update:
             if self.gradient_clip_val:
                 self.clip_gradients(policy_opt, self.gradient_clip_val, "norm")
@@ -411,6 +417,27 @@ class MVAModule(L.LightningModule):
             if mi is not None:
                 self.log("train/mi", mi.detach(), prog_bar=True)
         return loss.detach()
+
+    def _non_finite_loss(
+        self,
+        loss: torch.Tensor,
+        dpo_losses: Mapping[str, torch.Tensor],
+        mi: torch.Tensor | None,
+        batch_idx: int,
+    ) -> None:
+        """Stop the run on a NaN / inf loss, naming the step, the stage and each part's value."""
+        parts = {f"dpo[{v}]": float(x) for v, x in dpo_losses.items()}
+        if mi is not None:
+            parts["mi"] = float(mi.detach())
+        bad = [name for name, x in parts.items() if not math.isfinite(x)] or ["their sum"]
+        shown = ", ".join(f"{name}={x:.6g}" for name, x in parts.items())
+        raise FloatingPointError(
+            f"non-finite training loss {float(loss.detach())} at step {self.global_step} "
+            f"(epoch {self.current_epoch}, batch {batch_idx}) in stage {self.stage} "
+            f"(values {self.stage_values}): {shown} (alpha={self.alpha:g}); non-finite: "
+            f"{', '.join(bad)}. The value vectors were not updated with it; lower "
+            "optimizer.lr or check the data"
+        )
 
     @contextlib.contextmanager
     def capturing_inputs(self, enabled: bool) -> Iterator[dict[str, torch.Tensor]]:
@@ -436,8 +463,14 @@ class MVAModule(L.LightningModule):
 
         joint = len(self.stage_values) > 1
         out = self.mi_penalty(self.policy, pairs, captured, not joint, head_step)
-        if out.skipped:
-            self.log("train/mi_skipped", float(len(out.skipped)))
+        if out.skipped:  # a diverged estimate stops the run (it never reaches a gradient)
+            pairs_text = ", ".join(f"{i}-{j}" for i, j in out.skipped)
+            raise FloatingPointError(
+                f"non-finite MI estimate for {pairs_text} at step {self.global_step} (epoch "
+                f"{self.current_epoch}) in stage {self.stage} (values {self.stage_values}); the "
+                "value vectors were not updated with it; lower mi.alpha or optimizer.lr, or use "
+                "a bounded estimator (mi=hsic)"
+            )
         if self._log_now:
             for name, value in out.estimates.items():
                 self.log(f"train/mi/{name}", value)
