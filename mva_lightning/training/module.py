@@ -402,7 +402,10 @@ class MVAModule(L.LightningModule):
         self.manual_backward(loss / self.accumulate_grad_batches)
         # Before any update (one host sync, after backward is queued): NaN never reaches the
         # value vectors, so never the exported adapters.
-        if not torch.isfinite(loss.detach()).item():
+        finite = torch.isfinite(loss.detach()).float()
+        if self.trainer.world_size > 1:  # every rank stops together (no rank left waiting)
+            finite = self.trainer.strategy.reduce(finite, reduce_op="sum") / self.trainer.world_size
+        if finite.item() < 1.0:
             self._non_finite_loss(loss, dpo_losses, mi, batch_idx)
         if is_update:
             if self.gradient_clip_val:
@@ -429,7 +432,9 @@ class MVAModule(L.LightningModule):
         parts = {f"dpo[{v}]": float(x) for v, x in dpo_losses.items()}
         if mi is not None:
             parts["mi"] = float(mi.detach())
-        bad = [name for name, x in parts.items() if not math.isfinite(x)] or ["their sum"]
+        bad = [name for name, x in parts.items() if not math.isfinite(x)] or (
+            ["their sum"] if not math.isfinite(float(loss.detach())) else ["another process's"]
+        )
         shown = ", ".join(f"{name}={x:.6g}" for name, x in parts.items())
         raise FloatingPointError(
             f"non-finite training loss {float(loss.detach())} at step {self.global_step} "
