@@ -315,9 +315,10 @@ def model_card(config, meta: Mapping[str, Any], report: Mapping[str, Any]) -> st
     base = getattr(config, "base_model_name_or_path", None) or "the run's base model"
     w = ", ".join(f"{v} = {x:g}" for v, x in meta["preference"].items())
     rows = []
-    for column, score in {**meta["scores"], **report}.items():
+    columns = {**meta["scores"], **report}
+    for column, score in columns.items():
         if isinstance(score, float) and not column.endswith("/std"):
-            ci = {**meta["scores"], **report}.get(f"{column}/ci")
+            ci = columns.get(f"{column}/ci")
             rows.append(
                 f"| {column} | {score:.4g} |" + (f" [{ci[0]:.4g}, {ci[1]:.4g}] |" if ci else " - |")
             )

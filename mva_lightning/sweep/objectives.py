@@ -358,6 +358,7 @@ class GenerationScore(Objective):
         )
         self.chat_template, self.max_prompt_length = chat_template, max_prompt_length
         self.prompts_file = prompts_file
+        self._file_prompts: list[str] | None = None
         self.indicators = {k: f for k, f in (indicators or {}).items() if f is not None}
         clash = sorted(set(self.indicators) & set(scorers))
         if clash:
@@ -430,10 +431,12 @@ class GenerationScore(Objective):
 
     def prompts(self, datamodule, values: Sequence[str]) -> list[str]:
         """The shared prompt set: deduplicated held-out prompts, first ``num_prompts``."""
-        if self.prompts_file is not None:
-            from mva_lightning.data.prompts import load_prompts
+        if self.prompts_file is not None:  # read once per objective, not once per batch
+            if self._file_prompts is None:
+                from mva_lightning.data.prompts import load_prompts
 
-            seen = dict.fromkeys(load_prompts(self.prompts_file, split=self.split))
+                self._file_prompts = load_prompts(self.prompts_file, split=self.split)
+            seen = dict.fromkeys(self._file_prompts)
         else:
             seen = dict.fromkeys(
                 p.prompt for v in values for p in getattr(datamodule.splits[v], self.split)
