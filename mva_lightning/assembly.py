@@ -79,6 +79,8 @@ def load_value_splits(cfg: DictConfig) -> dict[str, Any]:
         splits[name] = split_pairs(
             pairs, split.test, split.val, split.seed, split.get("by_prompt", False)
         )
+        if node.get("max_train_pairs"):  # after the split: the held-out pairs stay whole
+            splits[name].train[node.max_train_pairs :] = []
         log.info(
             "value %s: %d train / %d val / %d test pairs",
             name,

@@ -311,7 +311,7 @@ class BradleyTerry:
         """Load a head written by :meth:`save`.
 
         Args:
-            path: The folder.
+            path: The folder (``pkg://PACKAGE/FOLDER`` for one shipped in a package).
             name: Scorer name (default: the saved one).
             encoder: Required when the head was trained with a custom encoder.
             lm_loader: ``features="hidden"``: the LM loader (tests); ``None`` for the saved model.
@@ -322,7 +322,9 @@ class BradleyTerry:
         """
         from safetensors.torch import load_file
 
-        path = Path(path)
+        from mva_lightning.data.prompts import resolve
+
+        path = Path(resolve(str(path)))  # pkg://PACKAGE/FOLDER: a folder inside a package
         for file in (CONFIG_FILE, WEIGHTS_FILE):
             if not (path / file).is_file():
                 raise FileNotFoundError(
