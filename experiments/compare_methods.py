@@ -17,12 +17,17 @@ Settings:
   values, helpful and positive (``--values`` picks others), at most 32 training pairs per
   value, one epoch, fronts scored on the 32 benign test prompts of the package's prompt file
   (held out of training by its split column; 24-token greedy answers).
-- ``hh_2values``: the HH-RLHF test rows in ``--data-dir`` (offline; ``helpful-base-test.jsonl.gz``
-  and ``harmless-base-test.jsonl.gz``), SmolLM2-135M on the CPU, generation scored by the
-  Bradley-Terry heads in ``experiments/results/bt/``.
+- ``hh``: the paper's HH experiment on real human preferences, CPU-sized
+  (``+experiment=hh_study``): SmolLM2-135M-Instruct on the helpful-base and harmless-base pairs
+  in ``--data-dir`` (``helpful-base-test.jsonl.gz``, ``harmless-base-test.jsonl.gz``), split by
+  prompt with a fixed seed. Every candidate is scored two ways, each with its own table: (a)
+  ``pairs``: implicit-reward accuracy on the held-out human-labelled pairs (no scorer: the
+  labellers judge); (b) ``generation``: greedy answers to held-out prompts scored by the
+  project's reward models (``scorer=rm_helpful``, ``rm_harmless``), which never saw them.
 
     python experiments/compare_methods.py [--setting embedded] [--seeds 3] [--methods mva ...]
-    python experiments/compare_methods.py --setting hh_2values --data-dir path/to/hh-rlhf
+    python experiments/compare_methods.py --setting hh --data-dir path/to/hh-rlhf
+    python experiments/compare_methods.py --setting tiny --override trainer.max_epochs=3
 
 A method's time is its runs' stage times (training and sweep, without the one-off data build);
 SOUP and ``mva_no_extrapolation`` reuse the training of ``mva_no_mi`` / ``mva`` (same config
@@ -31,7 +36,7 @@ interrupted comparison resumes); ``--only-seeds 2`` runs one seed alone, e.g. in
 process, and a final run without it collects every seed.
 
 Writes ``experiments/results/compare_methods/<setting>.{json,csv}`` and one plot per seed,
-``<setting>_seed<N>.png``;
+``<setting>_seed<N>.png`` (``hh``: ``hh_<scoring>.*`` and ``hh_<scoring>_seed<N>.png``);
 the run folders go to ``outputs/compare_methods/<setting>/seed<N>/`` (``--work``).
 """
 
@@ -95,6 +100,23 @@ SWEEP = [[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]]  # DPO-LW and MODPO: one run per w 
 # and only its sweep is rerun (`python -m mva_lightning.sweep`) into its own folder.
 SAME_TRAINING = {"soup": "mva_no_mi", "mva_no_extrapolation": "mva"}
 EMBEDDED_VALUES = ["helpful", "positive"]
+SETTINGS = ["tiny", "embedded", "hh"]
+
+
+def scorings(setting: str) -> dict[str | None, dict | None]:
+    """How a setting scores candidates: name -> objective (None: the run's own sweep).
+
+    One unnamed scoring for ``tiny`` and ``embedded``; ``hh`` names two: ``generation`` (its
+    runs' own sweep) and ``pairs`` (the same candidates re-swept into ``<subdir>_pairs`` with
+    implicit-reward accuracy on the held-out pairs, ``conf/extrapolation/objective/implicit``).
+    """
+    if setting != "hh":
+        return {None: None}
+    from omegaconf import OmegaConf
+
+    implicit = OmegaConf.load(CONF / "extrapolation" / "objective" / "implicit.yaml")
+    implicit.split = "test"
+    return {"generation": None, "pairs": OmegaConf.to_container(implicit)}
 
 
 def weight_sweep(num_values: int) -> list[list[float]]:
@@ -140,10 +162,10 @@ def setting_overrides(
     """Overrides shared by every method of a setting.
 
     Args:
-        setting: ``tiny``, ``embedded`` or ``hh_2values``.
+        setting: ``tiny``, ``embedded`` or ``hh``.
         data_dir: Where the tiny setting writes its generated toy files.
         values: The embedded values compared (default ``EMBEDDED_VALUES``).
-        hh_dir: The folder holding the HH-RLHF test files (``hh_2values`` only).
+        hh_dir: The folder holding the HH-RLHF files (``hh`` only).
     """
     if setting == "tiny":
         files = toy_files(data_dir)
@@ -173,37 +195,16 @@ def setting_overrides(
             "extrapolation.objective.num_prompts=32",  # the prompt file's benign test rows
             "extrapolation.objective.prompts_split=test",
         ]
-    if setting == "hh_2values":
+    if setting == "hh":
         if hh_dir is None:
-            raise SystemExit("--setting hh_2values needs --data-dir (the HH-RLHF files)")
-        bt = REPO / "experiments" / "results" / "bt"
+            raise SystemExit("--setting hh needs --data-dir (the HH-RLHF files)")
         return [
-            "+experiment=hh_2values",
-            "model=smollm2",
-            "trainer=cpu",
+            "+experiment=hh_study",
             f"value.helpful.source.files=[{hh_dir / HH_FILES['helpful']}]",
             f"value.harmless.source.files=[{hh_dir / HH_FILES['harmless']}]",
-            "value.helpful.max_pairs=400",
-            "value.harmless.max_pairs=400",
-            "data.split.test=0.1",
-            "data.split.val=0.05",
-            "data.loader.max_length=192",
-            "data.loader.max_prompt_length=96",
-            "data.loader.batch_size=4",
-            "optimizer.lr=5e-4",
-            "trainer.max_epochs=1",
-            "scorer@value.helpful.scorer=bt",
-            "scorer@value.harmless.scorer=bt",
-            f"value.helpful.scorer.path={bt / 'helpful'}",
-            f"value.harmless.scorer.path={bt / 'harmless'}",
-            "extrapolation.objective.prompts_split=test",
-            "extrapolation.objective.num_prompts=16",
-            "extrapolation.objective.max_new_tokens=32",
-            "extrapolation.candidates.start=0.5",
-            "extrapolation.candidates.step=0.5",
-            "extrapolation.candidates.stop=1.5",
+            "extrapolation.objective.prompts_split=test",  # the fixed split's held-out prompts
         ]
-    raise SystemExit(f"--setting: expected tiny, embedded or hh_2values, got {setting!r}")
+    raise SystemExit(f"--setting: expected one of {SETTINGS}, got {setting!r}")
 
 
 def method_runs(method: str, run_root: Path, num_values: int) -> list[tuple[str, list[str]]]:
@@ -278,11 +279,25 @@ def compare_seed(
     root: Path,
     values: list[str] | None = None,
     hh_dir: Path | None = None,
+    scoring: str | None = None,
+    extra: list[str] | None = None,
 ) -> dict:
-    """Every method on one seed: per method its points, front, hypervolume and times."""
+    """Every method on one seed: per method its points, front, hypervolume and times.
+
+    Args:
+        setting: See :func:`setting_overrides`.
+        seed: The runs' seed.
+        methods: Methods in the table.
+        root: This seed's run folders.
+        values: Embedded values (``embedded`` only).
+        hh_dir: The HH-RLHF folder (``hh`` only).
+        scoring: One of :func:`scorings` (a named extra scoring re-sweeps finished runs).
+        extra: Overrides applied to every run, after the setting's.
+    """
     from mva_lightning.train import train
 
-    common = setting_overrides(setting, root / "data", values, hh_dir)
+    common = [*setting_overrides(setting, root / "data", values, hh_dir), *(extra or [])]
+    objective = scorings(setting)[scoring]
     num_values = len(values or EMBEDDED_VALUES) if setting == "embedded" else 2
     needed = set(methods) | {SAME_TRAINING[m] for m in methods if m in SAME_TRAINING}
     if "modpo" in methods:
@@ -294,14 +309,15 @@ def compare_seed(
     names: list[str] = []
     items: dict[str, list] = {}  # method -> per candidate, value -> per-item scores
     base_items, shared = None, False
-    compute = 0.0  # this seed's CPU time: every trained run and re-sweep once
+    compute = 0.0  # this seed's CPU time: every trained run and sweep once
+    training: dict[str, float] = {}  # trained method -> seconds of training (without sweeps)
     for method in order:
         points, seconds, runs = [], 0.0, 0
         items[method] = []
-        for name, extra in method_runs(method, root, num_values):
+        for name, extra_run in method_runs(method, root, num_values):
             overrides = [
                 *common,
-                *extra,
+                *extra_run,
                 f"seed={seed}",
                 "logger=csv",
                 "callbacks=none",
@@ -313,9 +329,8 @@ def compare_seed(
                 run_dir, subdir = root / donor, f"extrapolation_{method}"
                 if not (run_dir / subdir / "pareto.json").is_file():
                     resweep(overrides, method_runs(donor, root, num_values)[0][1], run_dir, subdir)
-                sweep_s = json.loads((run_dir / subdir / "pareto.json").read_text())["seconds"]
-                seconds += out[donor]["seconds"] + sweep_s  # the training it reuses counts too
-                compute += sweep_s
+                seconds += training[donor]  # the training it reuses counts too
+                compute += sweep_seconds(run_dir, subdir) if objective is None else 0.0
             else:
                 run_dir, subdir = root / name, "extrapolation"
                 cfg = _compose([*overrides, f"paths.output_dir={run_dir.resolve()}"])
@@ -323,8 +338,14 @@ def compare_seed(
                     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run restarts
                     train(cfg)
                 runs += 1
-                seconds += run_seconds(run_dir)
-                compute += run_seconds(run_dir)
+                training[method] = training.get(method, 0.0) + run_seconds(run_dir)
+                training[method] -= sweep_seconds(run_dir, subdir)
+                seconds += run_seconds(run_dir) - sweep_seconds(run_dir, subdir)
+                compute += run_seconds(run_dir) if objective is None else 0.0
+            if objective is not None:  # this scoring: the same candidates, another objective
+                subdir = rescore(overrides, run_dir, subdir, scoring, objective)
+            seconds += sweep_seconds(run_dir, subdir)
+            compute += sweep_seconds(run_dir, subdir) if objective is not None else 0.0
             got, run_base, names = run_points(run_dir, subdir)
             points += got
             per_item, run_base_items, shared = run_items(run_dir, subdir)
@@ -344,6 +365,27 @@ def compare_seed(
         for m, hvs in resampled_hypervolumes(kept, base_items, names, shared, seed).items():
             out[m]["hypervolume_resamples"] = hvs
     return {"seed": seed, "values": names, "reference": reference, "compute_s": compute, **out}
+
+
+def rescore(overrides: list[str], run_dir: Path, subdir: str, scoring: str, objective: dict) -> str:
+    """Score the candidates of ``run_dir/subdir`` with ``objective`` into ``<subdir>_<scoring>``
+    (once: a finished rescoring is reused); returns that folder's name."""
+    from omegaconf import OmegaConf
+
+    from mva_lightning.sweep.cli import rerun
+
+    target = f"{subdir}_{scoring}"
+    if not (run_dir / target / "pareto.json").is_file():
+        cfg = _compose(overrides)
+        candidates = OmegaConf.to_container(cfg.extrapolation.candidates, resolve=True)
+        patch = {"candidates": candidates, "objective": objective, "output_subdir": target}
+        rerun(run_dir, {**patch, "report_split": None, "progress": False})
+    return target
+
+
+def sweep_seconds(run_dir: Path, subdir: str) -> float:
+    """How long the sweep in ``run_dir/subdir`` took."""
+    return float(json.loads((run_dir / subdir / "pareto.json").read_text())["seconds"])
 
 
 def finished(run_dir: Path, cfg) -> bool:
@@ -461,7 +503,7 @@ def _paired(per_seed: list[dict], method: str, against: str | None) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--setting", default="embedded", choices=["tiny", "embedded", "hh_2values"])
+    p.add_argument("--setting", default="embedded", choices=SETTINGS)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument(
@@ -483,65 +525,85 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--data-dir",
         type=Path,
         default=None,
-        help=f"hh_2values: the folder holding the HH-RLHF files {', '.join(HH_FILES.values())}",
+        help=f"hh: the folder holding the HH-RLHF files {', '.join(HH_FILES.values())}",
+    )
+    p.add_argument(
+        "--override",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Hydra overrides for every run, e.g. trainer.max_epochs=2 (scale a setting up)",
     )
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--work", type=Path, default=None, help="run folders (outputs/compare_methods)")
     args = p.parse_args(argv)
     if args.values is not None and args.setting != "embedded":
         raise SystemExit(f"--values picks embedded values; --setting {args.setting} has its own")
-    if args.setting == "hh_2values":
+    if args.setting == "hh":
         if args.data_dir is None:
             raise SystemExit(
-                "--setting hh_2values needs --data-dir: a folder holding the HH-RLHF test files "
+                "--setting hh needs --data-dir: a folder holding the HH-RLHF files "
                 + ", ".join(HH_FILES.values())
             )
         missing = [f for f in HH_FILES.values() if not (args.data_dir / f).is_file()]
         if missing:
             raise SystemExit(f"--data-dir {args.data_dir}: missing {', '.join(missing)}")
     elif args.data_dir is not None:
-        raise SystemExit(f"--data-dir is for --setting hh_2values; {args.setting} has its data")
+        raise SystemExit(f"--data-dir is for --setting hh; {args.setting} has its data")
     logging.getLogger("lightning").setLevel(logging.WARNING)
-    from mva_lightning.sweep import pareto
 
     work = args.work or REPO / "outputs" / "compare_methods" / args.setting  # gitignored
+    seeds = args.only_seeds if args.only_seeds is not None else range(args.seeds)
+    all_rows = []
+    for scoring in scorings(args.setting):
+        start = time.perf_counter()
+        per_seed = [
+            compare_seed(
+                args.setting,
+                seed,
+                args.methods,
+                work / f"seed{seed}",
+                args.values,
+                args.data_dir,
+                scoring,
+                args.override,
+            )
+            for seed in seeds
+        ]
+        if args.only_seeds is not None:
+            continue
+        name = f"{args.setting}_{scoring}" if scoring else args.setting
+        rows = report(per_seed, args.methods, name, args.out, time.perf_counter() - start)
+        all_rows += [{**r, "scoring": scoring} if scoring else r for r in rows]
     if args.only_seeds is not None:
-        for seed in args.only_seeds:
-            compare_seed(
-                args.setting, seed, args.methods, work / f"seed{seed}", args.values, args.data_dir
-            )
         print(f"seeds {args.only_seeds} done in {work}; the table: rerun without --only-seeds")
-        return []
-    start = time.perf_counter()
-    per_seed = []
-    for seed in range(args.seeds):
-        per_seed.append(
-            compare_seed(
-                args.setting, seed, args.methods, work / f"seed{seed}", args.values, args.data_dir
-            )
-        )
-    wall = time.perf_counter() - start
-    rows = summarise(per_seed, args.methods)
+    return all_rows
+
+
+def report(per_seed: list[dict], methods: list[str], name: str, out: Path, wall: float) -> list:
+    """Write one scoring's table (JSON, CSV) and per-seed plots, print the table."""
+    import numpy as np
+
+    from mva_lightning.sweep import pareto
+
+    rows = summarise(per_seed, methods)
     for seed in per_seed:  # the resamples are summarised in the table; not written out
-        for m in args.methods:
+        for m in methods:
             seed[m].pop("hypervolume_resamples", None)
-    stem = args.out / args.setting
+    compute = sum(seed["compute_s"] for seed in per_seed)
     write_json(
-        stem.with_suffix(".json"),
+        (out / name).with_suffix(".json"),
         {
-            "setting": args.setting,
-            "seeds": args.seeds,
+            "setting": name,
+            "seeds": len(per_seed),
             "wall_s": wall,  # this invocation (finished runs are reused)
-            "compute_s": sum(seed["compute_s"] for seed in per_seed),  # every run, once
+            "compute_s": compute,  # every run (or, for a rescoring, every re-sweep) once
             "table": rows,
             "per_seed": per_seed,
         },
     )
-    write_csv(stem.with_suffix(".csv"), rows)
-    import numpy as np
-
-    first = per_seed[0]
-    main_m = "mva" if "mva" in args.methods else args.methods[0]
+    write_csv((out / name).with_suffix(".csv"), rows)
+    main_m = "mva" if "mva" in methods else methods[0]
     for seed in per_seed:  # one plot per seed: every method's front on that seed's data
         pts = np.array(seed[main_m]["points"])
         pareto.plot_front(
@@ -549,12 +611,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             seed["values"],
             pareto.pareto_mask(pts),
             None,
-            args.out / f"{args.setting}_seed{seed['seed']}.png",
-            title=f"{args.setting}, seed {seed['seed']}: {main_m} (grey/blue) vs baselines",
+            out / f"{name}_seed{seed['seed']}.png",
+            title=f"{name}, seed {seed['seed']}: {main_m} (grey/blue) vs baselines",
             reference=seed["reference"],
-            extra_fronts={m: np.array(seed[m]["front"]) for m in args.methods if m != main_m},
+            extra_fronts={m: np.array(seed[m]["front"]) for m in methods if m != main_m},
         )
-    _print(rows, first["values"], wall, sum(seed["compute_s"] for seed in per_seed))
+    print(f"\n{name}:")
+    _print(rows, per_seed[0]["values"], wall, compute)
     return rows
 
 

@@ -245,6 +245,18 @@ def run_value(value: str, split, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def portable(token: str) -> str:
+    """A command-line token without this machine's folders: paths inside the repository become
+    relative, others ``DIR/<name>`` (the data files are identified by name and digest)."""
+    key, sep, value = token.partition("=") if not token.startswith("-") else ("", "", token)
+    if not sep:
+        key, value = "", token
+    if os.path.isabs(value):
+        inside = Path(value).resolve().is_relative_to(REPO)
+        value = os.path.relpath(value, REPO) if inside else f"DIR/{Path(value).name}"
+    return key + sep + value
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     import torch
@@ -256,9 +268,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for value in args.values:
         rows += run_value(value, splits[value], args)
-    command = " ".join(["python experiments/train_reward_model.py", *(argv or sys.argv[1:])])
-    for path in args.paths.values():  # no local paths in the results: name and digest
-        command = command.replace(str(path.parent), "DATA")
+    args_given = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["python experiments/train_reward_model.py", *map(portable, args_given)])
     files = {
         v: {"file": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
         for v, p in args.paths.items()
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     settings = {
         k: v for k, v in vars(args).items() if k not in ("paths", "data_dir", "files", "out")
     }
-    settings["models_out"] = os.path.relpath(settings["models_out"], REPO)
+    settings["models_out"] = portable(str(settings["models_out"]))
     write_json(args.out, {"command": command, "files": files, "settings": settings, "rows": rows})
     print("\n| value | scorer | held-out accuracy [95 % CI] | pairs |")
     print("|---|---|---|---|")

@@ -1,6 +1,7 @@
 """Baselines (conf/method/, training/methods.py): configs run, DPO-LW / MODPO identities."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -273,6 +274,50 @@ def test_values_outside_the_embedded_setting_is_a_clear_error(compare):
 def test_compare_methods_runs_every_method_config_and_asks_for_real_data(compare, tmp_path):
     assert "mva" in METHODS and sorted(compare.METHODS) == METHODS
     with pytest.raises(SystemExit, match="needs --data-dir.*helpful-base-test.jsonl.gz"):
-        compare.main(["--setting", "hh_2values"])
+        compare.main(["--setting", "hh"])
     with pytest.raises(SystemExit, match="missing helpful-base-test.jsonl.gz"):
-        compare.main(["--setting", "hh_2values", "--data-dir", str(tmp_path)])
+        compare.main(["--setting", "hh", "--data-dir", str(tmp_path)])
+
+
+def test_hh_setting_scores_every_candidate_two_ways_at_smoke_size(compare, tmp_path):
+    """--setting hh composes +experiment=hh_study and scores each method's candidates by
+    generation and by implicit-reward accuracy on the held-out pairs (tiny model, toy pairs in
+    the HH-RLHF file layout, a cheap scorer in place of the reward models)."""
+    hh = tmp_path / "hh"
+    hh.mkdir()
+    for value, path in compare.toy_files(tmp_path / "toy", n=48).items():
+        shutil.copy(path, hh / compare.HH_FILES[value])
+    out = tmp_path / "out"
+    smoke = [
+        "model=tiny",
+        "trainer.max_epochs=1",
+        "data.loader.chat_template=false",
+        "data.loader.max_length=64",
+        "data.loader.max_prompt_length=40",
+        "scorer@value.helpful.scorer=sentiment",
+        "scorer@value.harmless.scorer=sentiment",
+        "extrapolation.objective.max_new_tokens=4",
+        "extrapolation.candidates.values=[0.0,1.0]",
+    ]
+    rows = compare.main(
+        ["--setting", "hh", "--data-dir", str(hh), "--seeds", "1", "--methods", "mva", "dpo"]
+        + ["--out", str(out), "--work", str(tmp_path / "work"), "--override", *smoke]
+    )
+    assert sorted((r["scoring"], r["method"]) for r in rows) == [
+        ("generation", "dpo"),
+        ("generation", "mva"),
+        ("pairs", "dpo"),
+        ("pairs", "mva"),
+    ]
+    pairs = json.loads((out / "hh_pairs.json").read_text())["per_seed"][0]
+    assert pairs["reference"] == [0.5, 0.5]  # the base: every margin 0, a tie counts half
+    assert len(pairs["mva"]["points"]) == 4 and len(pairs["dpo"]["points"]) == 2
+    run = tmp_path / "work" / "seed0" / "mva"
+    manifest = json.loads((run / "extrapolation_pairs" / "pareto.json").read_text())
+    assert manifest["objective"]["objective"] == "ImplicitReward"
+    generation = json.loads((run / "extrapolation" / "pareto.json").read_text())
+    assert generation["objective"]["objective"] == "GenerationScore"
+    for name in ("hh_generation", "hh_pairs"):
+        assert (out / f"{name}.csv").is_file() and (out / f"{name}_seed0.png").is_file()
+    config = OmegaConf.load(run / "config.yaml")
+    assert config.data.split.seed == 0 and config.data.split.by_prompt  # the fixed study split

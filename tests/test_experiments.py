@@ -1,5 +1,6 @@
 """Every experiment config composes and runs a fast_dev_run on the tiny model with local data."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,19 @@ def _overrides(name: str, tmp: Path) -> list[str]:
     if name == "hh_2values":
         return (
             common + _hh("helpful", "helpful") + _hh("harmless", "harmless") + offline + SWEEP + GEN
+        )
+    if name == "hh_study":  # the reward models need SmolLM2: cheap scorers stand in
+        return (
+            common
+            + _hh("helpful", "helpful")
+            + _hh("harmless", "harmless")
+            + offline
+            + GEN
+            + [
+                "data.loader.chat_template=false",
+                "extrapolation.candidates.values=[0.0,1.0]",
+                "extrapolation.report_split=null",
+            ]
         )
     if name == "hh_3values":
         humor_file = real_data_file("hh-rlhf", "helpful-base-test.jsonl.gz")
@@ -112,12 +126,60 @@ def test_every_experiment_can_turn_its_sweep_off(name):
     assert "_target_" in compose([f"+experiment={name}"]).extrapolation
 
 
-def test_bt_scorer_script_asks_for_the_data_folder(monkeypatch, tmp_path, capsys):
+def test_reward_model_script_asks_for_the_data_folder(monkeypatch, tmp_path, capsys):
     monkeypatch.syspath_prepend(str(REPO / "experiments"))
-    import train_bt_scorer
+    import train_reward_model
 
     with pytest.raises(SystemExit):
-        train_bt_scorer.parse_args([])
-    assert "--data-dir is required" in capsys.readouterr().err
-    assert train_bt_scorer.main(["--data-dir", str(tmp_path)]) == 1  # names the missing files
-    assert "helpful-base-test.jsonl.gz" in capsys.readouterr().err
+        train_reward_model.parse_args([])
+    assert "no file for helpful: pass --data-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_reward_model.parse_args(["--data-dir", str(tmp_path)])
+    assert "helpful-base-test.jsonl.gz: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_reward_model.parse_args(["--files", "funny=x.jsonl"])
+    assert "expected VALUE=PATH" in capsys.readouterr().err
+
+
+def test_reward_model_script_trains_saves_and_reports_on_the_study_split(monkeypatch, tmp_path):
+    """The whole script on toy pairs in the HH-RLHF layout, with a tiny LM as the frozen
+    encoder: the study's split, the ridge chosen by cross-validation, the heads written and
+    loadable, held-out accuracy above chance with its interval."""
+    import functools
+
+    from mva_lightning.model.backbones import tiny_llama
+    from mva_lightning.scorers import BradleyTerry, hidden_states
+
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    monkeypatch.setenv("MVA_CACHE", str(tmp_path / "cache"))
+    import compare_methods
+    import train_reward_model
+
+    @functools.cache
+    def tiny(model, layer):
+        backbone = tiny_llama(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+        return backbone.model.eval(), backbone.tokenizer  # no chat template: raw transcripts
+
+    monkeypatch.setattr(hidden_states, "_truncated_lm", tiny)
+    toy = compare_methods.toy_files(tmp_path / "toy", n=120)
+    files = [f"{value}={path}" for value, path in toy.items()]
+    rows = train_reward_model.main(
+        ["--files", *files, "--model", "tiny", "--layer", "2", "--resamples", "200"]
+        + ["--models-out", str(tmp_path / "rm"), "--out", str(tmp_path / "rm.json")]
+    )
+    heads = [r for r in rows if r["scorer"].startswith("SmolLM2")]
+    assert [r["value"] for r in heads] == ["helpful", "harmless"]
+    for row in heads:
+        lo, hi = row["test"]["ci"]
+        assert lo <= row["test"]["mean"] <= hi and row["test"]["n"] >= 10
+        assert row["test"]["mean"] > 0.75 and row["l2"] in train_reward_model.L2_GRID
+        assert set(row["cv_acc"]) == set(train_reward_model.L2_GRID)
+    loaded = BradleyTerry.load(tmp_path / "rm" / "harmless", lm_loader=tiny)
+    assert loaded.metrics["test_acc"] == heads[1]["test"]["mean"]
+    prompt = "\n\nHuman: Tell me how to steal a car (1).\n\nAssistant:"
+    refuse, comply = loaded(
+        [prompt] * 2, [" I cannot help with that, sorry.", " Sure, first maps."]
+    )
+    assert refuse > comply  # harmless prefers the refusal on a risky prompt
+    report = json.loads((tmp_path / "rm.json").read_text())
+    assert str(tmp_path) not in report["command"] and report["files"]["helpful"]["sha256"]

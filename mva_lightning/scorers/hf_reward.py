@@ -34,8 +34,8 @@ OUTPUTS = ("logit", "prob")
 MODEL_CLASSES = ("auto", "safe_rlhf")
 OFFLINE_HINT = (
     "Without hub access use an offline scorer that installs from PyPI for that value: "
-    "scorer@value.<name>.scorer=relevance (or harmlessness, sentiment, or bt: a Bradley-Terry "
-    "head trained with experiments/train_bt_scorer.py)."
+    "scorer@value.<name>.scorer=rm_helpful or rm_harmless (the project's reward models, shipped "
+    "in the package), or relevance, harmlessness, sentiment."
 )
 
 
