@@ -397,15 +397,22 @@ class MVAModule(L.LightningModule):
             for key, val in out.metrics().items() if self._log_now else ():
                 self.log(f"train/{value}/{key}", val, batch_size=n, prog_bar=key == "loss")
         is_update = (batch_idx + 1) % self.accumulate_grad_batches == 0
-        mi = self._mi_penalty(pairs, captured, train_heads=is_update) if pairs else None
+        mi, skipped = self._mi_penalty(pairs, captured, is_update) if pairs else (None, [])
         loss = dpo_total + (self.alpha * mi if mi is not None else 0.0)
         self.manual_backward(loss / self.accumulate_grad_batches)
         # Before any update (one host sync, after backward is queued): NaN never reaches the
-        # value vectors, so never the exported adapters.
-        finite = torch.isfinite(loss.detach()).float()
+        # value vectors, so never the exported adapters. A diverged MI estimate is left out of
+        # the loss but stops the run too.
+        ok = torch.stack(
+            [torch.isfinite(loss.detach()), torch.tensor(not skipped, device=loss.device)]
+        )
+        ok = ok.float()  # (2,): loss finite, every MI estimate finite
         if self.trainer.world_size > 1:  # every rank stops together (no rank left waiting)
-            finite = self.trainer.strategy.reduce(finite, reduce_op="sum") / self.trainer.world_size
-        if finite.item() < 1.0:
+            ok = self.trainer.strategy.reduce(ok, reduce_op="sum") / self.trainer.world_size
+        loss_ok, mi_ok = ok.tolist()
+        if mi_ok < 1.0:
+            self._non_finite_mi(skipped)
+        if loss_ok < 1.0:
             self._non_finite_loss(loss, dpo_losses, mi, batch_idx)
         if is_update:
             if self.gradient_clip_val:
@@ -457,8 +464,9 @@ class MVAModule(L.LightningModule):
         finally:
             self._capturing = False
 
-    def _mi_penalty(self, pairs, captured, train_heads: bool) -> torch.Tensor:
-        """sum over the stage's pairs of the MI estimate (grad to the trainable vectors)."""
+    def _mi_penalty(self, pairs, captured, train_heads: bool) -> tuple[torch.Tensor, list]:
+        """sum over the stage's pairs of the finite MI estimates (grad to the trainable
+        vectors), and the pairs whose estimate was not finite (left out)."""
         head_step = None
         if train_heads and self.mi_penalty.has_heads:
             _, head_opt = self._raw_optimizers()
@@ -468,18 +476,20 @@ class MVAModule(L.LightningModule):
 
         joint = len(self.stage_values) > 1
         out = self.mi_penalty(self.policy, pairs, captured, not joint, head_step)
-        if out.skipped:  # a diverged estimate stops the run (it never reaches a gradient)
-            pairs_text = ", ".join(f"{i}-{j}" for i, j in out.skipped)
-            raise FloatingPointError(
-                f"non-finite MI estimate for {pairs_text} at step {self.global_step} (epoch "
-                f"{self.current_epoch}) in stage {self.stage} (values {self.stage_values}); the "
-                "value vectors were not updated with it; lower mi.alpha or optimizer.lr, or use "
-                "a bounded estimator (mi=hsic)"
-            )
-        if self._log_now:
+        if self._log_now and not out.skipped:
             for name, value in out.estimates.items():
                 self.log(f"train/mi/{name}", value)
-        return out.total
+        return out.total, list(out.skipped)
+
+    def _non_finite_mi(self, skipped: list) -> None:
+        """Stop the run on a diverged MI estimate (here, or on another process)."""
+        where = ", ".join(f"{i}-{j}" for i, j in skipped) or "another process's pair"
+        raise FloatingPointError(
+            f"non-finite MI estimate for {where} at step {self.global_step} (epoch "
+            f"{self.current_epoch}) in stage {self.stage} (values {self.stage_values}); the "
+            "value vectors were not updated with it; lower mi.alpha or optimizer.lr, or use "
+            "a bounded estimator (mi=hsic)"
+        )
 
     def _logging_step(self) -> bool:
         """Whether the Trainer writes this step's metrics.
