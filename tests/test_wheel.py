@@ -113,6 +113,13 @@ def test_wheel_ships_every_config(wheel):
     assert "mva_lightning/conf/config.yaml" in configs
     assert configs <= names, sorted(configs - names)
     assert "mva_lightning/assets/prompts.jsonl" in names
+    assets = REPO / "mva_lightning" / "assets"  # prompts, licences, the reward models' heads
+    shipped = {
+        f"mva_lightning/assets/{p.relative_to(assets).as_posix()}"
+        for p in assets.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert shipped <= names, sorted(shipped - names)
 
 
 def test_installed_wheel_runs_a_job_outside_the_repository(scratch, job):

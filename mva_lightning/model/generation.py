@@ -8,6 +8,11 @@ per batch. Results come back in the order of the input prompts. Each continuatio
 first eos and is decoded with special tokens skipped; a continuation that is empty (eos first)
 is returned as ``""``.
 
+:func:`generate_batches` is that batching with the per-batch call left open (a ``step``): both
+:func:`generate` (merged weights) and :func:`mva_lightning.model.decoding.generate_combined`
+(decoding-time combination) run through it, with :func:`continue_batch` as the one
+``model.generate`` call.
+
 Truncation rule: a prompt longer than ``max_prompt_length`` keeps its LAST tokens (the most
 recent turns, next to the response), as in training. A prompt that still does not fit the
 model's context together with ``max_new_tokens`` is an error naming the prompt.
@@ -16,7 +21,7 @@ model's context together with ``max_new_tokens`` is an error naming the prompt.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -110,22 +115,103 @@ def generate(
         ValueError: On bad settings, or if prompt ``i`` plus ``max_new_tokens`` exceeds the
             model's context (the message names the prompt and the lengths).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_sampling(do_sample, temperature, top_p)
+    check_prompt_weights(prompt_weights, len(prompts))
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+
+    def step(rows: Sequence[int], batch: dict[str, torch.Tensor], b: int) -> torch.Tensor:
+        if prompt_weights is None:
+            weights = contextlib.nullcontext()
+        else:
+            rows_w = {
+                v: torch.tensor([float(w[i]) for i in rows]) for v, w in prompt_weights.items()
+            }
+            weights = lora.using_row_weights(model, rows_w)
+        with weights:
+            return continue_batch(
+                model, tokenizer, batch, max_new_tokens, seed + b, do_sample=do_sample, **sampling
+            )
+
+    return generate_batches(
+        model,
+        tokenizer,
+        prompts,
+        step,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        max_prompt_length=max_prompt_length,
+        progress=progress,
+    )
+
+
+def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
+    """Raise ``ValueError`` unless sampling settings are usable (only checked if ``do_sample``)."""
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ValueError(
             f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
         )
+
+
+def check_prompt_weights(
+    prompt_weights: Mapping[str, Sequence[float] | torch.Tensor] | None, num_prompts: int
+) -> None:
+    """Raise ``ValueError`` unless every value has one weight per prompt (None passes)."""
+    if prompt_weights is None or num_prompts == 0:
+        return
+    bad = {v: len(w) for v, w in prompt_weights.items() if len(w) != num_prompts}
+    if bad:
+        raise ValueError(f"prompt_weights: expected {num_prompts} weights per value, got {bad}")
+
+
+BatchStep = Callable[[Sequence[int], dict[str, torch.Tensor], int], torch.Tensor]
+
+
+def generate_batches(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    step: BatchStep,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    chat_template: bool = False,
+    max_prompt_length: int | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """The batching shared by every decoder: tokenise, check, sort, left-pad, call, decode.
+
+    Prompts are sorted by length (longest first) and cut into batches of ``batch_size``; batch
+    b (rows: the input indices of its prompts) is left-padded and handed to
+    ``step(rows, batch, b)``, in eval mode, which returns the new tokens of each of its rows.
+
+    Args:
+        model: A causal LM (eval mode during the call; its mode is restored after).
+        tokenizer: Its tokenizer (``pad_token_id`` and ``eos_token_id`` set).
+        prompts: Prompt texts.
+        step: ``(rows, batch, b) -> (B, <= max_new_tokens)`` new token ids, ``batch`` holding
+            ``input_ids`` and ``attention_mask`` (B, T) on the model's device.
+        max_new_tokens: Longest continuation, in tokens (checked against the context).
+        batch_size: Prompts per batch.
+        chat_template: Wrap each prompt in the tokenizer's chat template.
+        max_prompt_length: Keep only the last this-many prompt tokens (None: keep all).
+        progress: Show a tqdm bar over batches.
+
+    Returns:
+        One decoded continuation per prompt, in input order, cut at the first eos, special
+        tokens skipped.
+
+    Raises:
+        ValueError: On bad settings, or if prompt ``i`` plus ``max_new_tokens`` exceeds the
+            model's context.
+    """
+    from tqdm.auto import tqdm
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts:
         return []
-    if prompt_weights is not None:
-        bad = {v: len(w) for v, w in prompt_weights.items() if len(w) != len(prompts)}
-        if bad:
-            raise ValueError(
-                f"prompt_weights: expected {len(prompts)} weights per value, got {bad}"
-            )
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     if pad is None or eos is None:
         raise ValueError("generate: the tokenizer needs pad_token_id and eos_token_id")
@@ -143,39 +229,15 @@ def generate(
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     device = next(model.parameters()).device
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
     outputs: list[str] = [""] * len(ids)
     was_training = model.training
     if was_training:
         model.eval()
     try:
-        from tqdm.auto import tqdm
-
         for b, rows in enumerate(tqdm(batches, desc="generate", disable=not progress)):
             batch = collate_prompts([ids[i] for i in rows], pad)  # (B, T) left-padded
             batch = {k: t.to(device) for k, t in batch.items()}
-            if prompt_weights is None:
-                weights = contextlib.nullcontext()
-            else:
-                rows_w = {
-                    v: torch.tensor([float(w[i]) for i in rows]) for v, w in prompt_weights.items()
-                }
-                weights = lora.using_row_weights(model, rows_w)
-            with (
-                torch.no_grad(),
-                torch.random.fork_rng(devices=_rng_devices(device)),
-                weights,
-            ):
-                torch.manual_seed(seed + b)
-                out = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=do_sample,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                    **sampling,
-                )
-            new = out[:, batch["input_ids"].shape[1] :].cpu()  # (B, <= max_new_tokens)
+            new = step(rows, batch, b).cpu()  # (B, <= max_new_tokens)
             for row, tokens in zip(rows, new.tolist(), strict=True):
                 if eos in tokens:
                     tokens = tokens[: tokens.index(eos)]
@@ -184,6 +246,43 @@ def generate(
         if was_training:
             model.train()
     return outputs
+
+
+def continue_batch(
+    model: nn.Module,
+    tokenizer,
+    batch: Mapping[str, torch.Tensor],
+    max_new_tokens: int,
+    seed: int = 0,
+    **kwargs,
+) -> torch.Tensor:
+    """One ``model.generate`` call on a left-padded batch: the new tokens only.
+
+    Runs without gradients, with the global RNG seeded by ``seed`` inside a fork (restored
+    after), stopping each row at the tokenizer's eos (later positions are padding).
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer (``pad_token_id``, ``eos_token_id``).
+        batch: ``input_ids`` and ``attention_mask`` (B, T), left-padded, on the model's device.
+        max_new_tokens: Longest continuation, in tokens.
+        seed: Seed of the sampling RNG.
+        **kwargs: More ``model.generate`` arguments (``do_sample``, ``logits_processor``, ...).
+
+    Returns:
+        (B, <= max_new_tokens) new token ids, on the model's device.
+    """
+    device = batch["input_ids"].device
+    with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.manual_seed(seed)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **kwargs,
+        )
+    return out[:, batch["input_ids"].shape[1] :]  # (B, <= max_new_tokens)
 
 
 def _rng_devices(device: torch.device) -> list:

@@ -18,7 +18,9 @@ its column averages (what :mod:`mva_lightning.sweep.bootstrap` resamples for int
   reference log-probs are computed once per (value, split) and reused for every candidate.
 - :class:`GenerationScore` (docs/method.md §5b, the paper's metric): one shared prompt set, one
   batched generation for a batch of candidates, each value's scorer applied to (prompt,
-  continuation).
+  continuation). Candidates generate with merged weights (``combination="weights"``) or by
+  decoding-time combination of the values' next-token log-probs (``"decoding"``, MOD:
+  :mod:`mva_lightning.model.decoding`).
 """
 
 from __future__ import annotations
@@ -285,6 +287,9 @@ def _check_candidates_per_forward(owner: str, n: int) -> None:
         raise ValueError(f"{owner}: candidates_per_forward must be an integer >= 1, got {n!r}")
 
 
+COMBINATIONS = ("weights", "decoding")  # GenerationScore: merged weights | MOD
+
+
 class GenerationScore(Objective):
     """Mean scorer reward of responses generated for a shared set of held-out prompts.
 
@@ -319,6 +324,10 @@ class GenerationScore(Objective):
         prompts_file: A prompt file to take the held-out prompts from (``pkg://`` allowed); None:
             the data module's held-out pairs.
         indicators: Name -> indicator (see above), reported for every candidate.
+        combination: How a candidate w generates: ``"weights"``, with the merged weights
+            W_0 + sum_v w_v delta W_v; ``"decoding"``, token by token from
+            sum_v w_v log pi_v (MOD, :func:`mva_lightning.model.decoding.generate_combined`),
+            which costs K rows per prompt and token (K times the forward cost of ``weights``).
     """
 
     def __init__(
@@ -337,7 +346,13 @@ class GenerationScore(Objective):
         candidates_per_forward: int = 8,
         prompts_file: str | None = None,
         indicators: Mapping[str, Any] | None = None,
+        combination: str = "weights",
     ) -> None:
+        if combination not in COMBINATIONS:
+            raise ValueError(
+                f"extrapolation.objective.combination: expected one of {list(COMBINATIONS)}, "
+                f"got {combination!r}"
+            )
         # None: a value the run does not have (a config listing scorers for optional values).
         scorers = {v: s for v, s in (scorers or {}).items() if s is not None}
         if not scorers:
@@ -358,6 +373,7 @@ class GenerationScore(Objective):
         )
         self.chat_template, self.max_prompt_length = chat_template, max_prompt_length
         self.prompts_file = prompts_file
+        self.combination = combination
         self._file_prompts: list[str] | None = None
         self.indicators = {k: f for k, f in (indicators or {}).items() if f is not None}
         clash = sorted(set(self.indicators) & set(scorers))
@@ -380,6 +396,8 @@ class GenerationScore(Objective):
             "max_prompt_length": self.max_prompt_length,
             **{k: v for k, v in self.generation.items() if k != "batch_size"},
             **({"prompts_file": self.prompts_file} if self.prompts_file else {}),
+            # recorded when not the default, so that earlier runs' score caches stay valid
+            **({"combination": self.combination} if self.combination != "weights" else {}),
             **(
                 {"indicators": {k: _scorer_name(f) for k, f in self.indicators.items()}}
                 if self.indicators
@@ -398,6 +416,7 @@ class GenerationScore(Objective):
             candidates_per_forward=self._per_forward,
             prompts_file=self.prompts_file,
             indicators=self.indicators,
+            combination=self.combination,
             **kw,
         )
 
@@ -447,7 +466,11 @@ class GenerationScore(Objective):
         return fingerprint(self.prompts(datamodule, values))
 
     def score(self, policy: nn.Module, datamodule, values: Sequence[str]) -> dict[str, float]:
-        return self._generate_and_score(policy, datamodule, values, None)[0]
+        from mva_lightning.model import lora
+
+        # decoding combines the value vectors itself: it needs w, not merged weights
+        weights = [lora.get_weights(policy)] if self.combination == "decoding" else None
+        return self._generate_and_score(policy, datamodule, values, weights)[0]
 
     def score_many(
         self,
@@ -457,12 +480,14 @@ class GenerationScore(Objective):
         weights: Sequence[Mapping[str, float]],
     ) -> list[dict[str, float]]:
         """Scores of many preference vectors: the prompt set once per vector, one ``generate``."""
-        if len(weights) == 1 or self.candidates_per_forward == 1:
+        merged = self.combination == "weights"
+        if merged and (len(weights) == 1 or self.candidates_per_forward == 1):
             return super().score_many(policy, datamodule, values, weights)
         return self._generate_and_score(policy, datamodule, values, weights)
 
     def _generate_and_score(self, policy, datamodule, values, weights) -> list[dict[str, float]]:
         from mva_lightning.model import lora
+        from mva_lightning.model.decoding import generate_combined
         from mva_lightning.model.generation import generate
 
         prompts = self.prompts(datamodule, values)
@@ -470,9 +495,10 @@ class GenerationScore(Objective):
         chat = datamodule.chat_template if self.chat_template is None else self.chat_template
         max_prompt = self.max_prompt_length or datamodule.max_prompt_length
         settings = {**self.generation, "batch_size": self.generation["batch_size"] * c}
-        # Prompt block k generates with w_k.
+        # Prompt block k generates with w_k (merged weights, or combined log-probs: MOD).
         per_prompt = None if weights is None else lora.stack_weights(weights, n)
-        responses = generate(
+        decode = generate_combined if self.combination == "decoding" else generate
+        responses = decode(
             policy,
             datamodule.tokenizer,
             list(prompts) * c,
