@@ -236,3 +236,57 @@ def test_export_refuses_adapters_holding_nan(tmp_path):
     callback.on_train_end(Trainer(), Module())
     saved = load_file(tmp_path / "adapters" / "harmless" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+# ------------------------------- killed while computing reference log-probs or diagnostics
+RESUME = (
+    "mi=hsic",
+    "trainer.max_epochs=2",
+    "extrapolation.candidates.mode=explicit",
+    "extrapolation.candidates.vectors=[[0.5,0.5],[1.0,1.5],[1.5,0.5]]",
+    "extrapolation.report_split=null",
+    "extrapolation.bootstrap.resamples=50",
+)
+
+
+def _crash_in(monkeypatch, where: str) -> None:
+    """Raise where a run would be killed: stage 1's reference pass, or the diagnostics."""
+    from mva_lightning.diagnostics.callback import InterferenceDiagnostics
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    if where == "diagnostics":
+        monkeypatch.setattr(InterferenceDiagnostics, "on_fit_end", crash)
+        return
+    real = module_mod.MVAModule.precompute_reference_logps
+
+    def reference(self, value, split):
+        if value == "harmless" and split == "train":  # stage 1 starts: its reference pass
+            crash()
+        return real(self, value, split)
+
+    monkeypatch.setattr(module_mod.MVAModule, "precompute_reference_logps", reference)
+
+
+@pytest.mark.parametrize("where", ["reference", "diagnostics"])
+def test_killed_during_reference_or_diagnostics_resumes_to_the_same_run(
+    toy_data, tmp_path, monkeypatch, where
+):
+    want = tmp_path / "uninterrupted"
+    train(compose(toy_overrides(toy_data, want, *RESUME)))
+    run = tmp_path / "run"
+    _crash_in(monkeypatch, where)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose(toy_overrides(toy_data, run, *RESUME)))
+    monkeypatch.undo()
+    adapters = run / "adapters" / "harmless" / "adapter_model.safetensors"
+    assert adapters.is_file() == (where == "diagnostics")  # written as soon as training ends
+    last = run / "checkpoints" / "last.ckpt"
+    train(compose(toy_overrides(toy_data, run, *RESUME, f"ckpt_path={last}")))
+    for value in ("helpful", "harmless"):
+        a = load_file(want / "adapters" / value / "adapter_model.safetensors")
+        b = load_file(run / "adapters" / value / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), value
+    assert _manifest(run) == _manifest(want)
+    assert (run / "diagnostics" / "interference.json").is_file()
