@@ -30,10 +30,11 @@ Settings:
     python experiments/compare_methods.py --setting tiny --override trainer.max_epochs=3
 
 A method's time is its runs' stage times (training and sweep, without the one-off data build);
-SOUP and ``mva_no_extrapolation`` reuse the training of ``mva_no_mi`` / ``mva`` (same config
-but the candidates) and count it in their time. Finished run folders are reused by a rerun (an
-interrupted comparison resumes); ``--only-seeds 2`` runs one seed alone, e.g. in a second
-process, and a final run without it collects every seed.
+SOUP, MOD and ``mva_no_extrapolation`` reuse the training of ``mva_no_mi`` / ``mva`` (same
+config but the sweep: SOUP's candidates, MOD's decoding-time combination, in every scoring) and
+count it in their time. Finished run folders are reused by a rerun (an interrupted comparison
+resumes); ``--only-seeds 2`` runs one seed alone, e.g. in a second process, and a final run
+without it collects every seed.
 
 Writes ``experiments/results/compare_methods/<setting>.{json,csv}`` and one plot per seed,
 ``<setting>_seed<N>.png`` (``hh``: ``hh_<scoring>.*`` and ``hh_<scoring>_seed<N>.png``);
@@ -66,6 +67,8 @@ ORDER = [
     "dpo_lw",
     "dpo_seqt",
     "modpo",
+    "mod",
+    "panacea",
     "mva_no_mi",
     "mva_no_extrapolation",
     "mva_orthogonal",
@@ -98,7 +101,7 @@ RESAMPLES = 1000  # bootstrap resamples of the held-out items per seed (paired a
 SWEEP = [[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]]  # DPO-LW and MODPO: one run per w (K = 2)
 # Methods whose training is another method's, with other candidates: the trained run is reused
 # and only its sweep is rerun (`python -m mva_lightning.sweep`) into its own folder.
-SAME_TRAINING = {"soup": "mva_no_mi", "mva_no_extrapolation": "mva"}
+SAME_TRAINING = {"soup": "mva_no_mi", "mva_no_extrapolation": "mva", "mod": "mva_no_mi"}
 EMBEDDED_VALUES = ["helpful", "positive"]
 SETTINGS = ["tiny", "embedded", "hh"]
 
@@ -378,6 +381,9 @@ def rescore(overrides: list[str], run_dir: Path, subdir: str, scoring: str, obje
     if not (run_dir / target / "pareto.json").is_file():
         cfg = _compose(overrides)
         candidates = OmegaConf.to_container(cfg.extrapolation.candidates, resolve=True)
+        combination = cfg.extrapolation.objective.get("combination", "weights")
+        if combination != "weights":  # the method's way of combining (MOD: decoding)
+            objective = {**objective, "combination": combination}
         patch = {"candidates": candidates, "objective": objective, "output_subdir": target}
         rerun(run_dir, {**patch, "report_split": None, "progress": False})
     return target
@@ -425,10 +431,11 @@ def summarise_points(points: list[list[float]], ref: list[float], names: list[st
 
 
 def resweep(overrides: list[str], donor_extra: list[str], run_dir: Path, subdir: str) -> None:
-    """Rerun a finished run's sweep with another method's candidates, into ``run_dir/subdir``.
+    """Rerun a finished run's sweep with another method's candidates, into ``run_dir/subdir``;
+    the method's objective too where it differs from the run's (MOD: ``combination``).
 
     Raises:
-        RuntimeError: The two methods' configs differ in more than their candidates.
+        RuntimeError: The two methods' configs differ in more than their sweep settings.
     """
     from omegaconf import OmegaConf
 
@@ -446,6 +453,9 @@ def resweep(overrides: list[str], donor_extra: list[str], run_dir: Path, subdir:
     candidates = OmegaConf.to_container(mine.extrapolation.candidates, resolve=True)
     # a partial node: merged onto the run's own sweep settings (+extrapolation.KEY=V)
     patch = {"candidates": candidates, "output_subdir": subdir, "report_split": None}
+    objective = OmegaConf.to_container(mine.extrapolation.objective, resolve=True)
+    if objective != OmegaConf.to_container(donor.extrapolation.objective, resolve=True):
+        patch["objective"] = objective  # a whole node (with _target_): replaces the run's
     rerun(run_dir, {**patch, "progress": False})
 
 

@@ -245,6 +245,38 @@ def test_soup_reuses_the_no_mi_training_with_simplex_candidates(compare, tmp_pat
     assert not compare.finished(pareto_json, cfg)
 
 
+def test_mod_reuses_the_no_mi_training_and_combines_at_decoding_time(compare, tmp_path):
+    rows = compare.main(
+        ["--setting", "tiny", "--seeds", "1", "--methods", "mod", "mva_no_mi"]
+        + ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+        + ["--override", "extrapolation.candidates.values=[0.0,1.0]"]  # w in {0, 1}^2: fast
+    )
+    by = {r["method"]: r for r in rows}
+    assert by["mod"]["trained_with"] == "mva_no_mi" and by["mod"]["runs_mean"] == 0
+    assert by["mva_no_mi"]["runs_mean"] == 1
+    run = tmp_path / "work" / "seed0" / "mva_no_mi"
+    mod = json.loads((run / "extrapolation_mod" / "pareto.json").read_text())
+    merged = json.loads((run / "extrapolation" / "pareto.json").read_text())
+    assert mod["objective"]["objective"] == "ImplicitReward"  # the tiny setting's objective
+    assert mod["objective"]["combination"] == "decoding"
+    assert "combination" not in merged["objective"]
+    values = mod["values"]
+
+    def w(row):
+        return tuple(row[f"w/{v}"] for v in values)
+
+    assert sorted(map(w, mod["rows"])) == sorted(map(w, merged["rows"]))  # the same candidates
+    assert mod["base_scores"] == merged["base_scores"]  # w = 0: the base either way
+    by_w = {w(r): r for r in merged["rows"]}
+    for row in mod["rows"]:
+        if sum(w(row)) == 1.0:  # one value alone: the same model both ways
+            for v in values:
+                assert row[f"{v}/margin"] == pytest.approx(by_w[w(row)][f"{v}/margin"], abs=1e-5)
+    both = by_w[(1.0, 1.0)]
+    (mod_both,) = [r for r in mod["rows"] if w(r) == (1.0, 1.0)]
+    assert mod_both[f"{values[0]}/margin"] != pytest.approx(both[f"{values[0]}/margin"])
+
+
 def test_paired_difference_of_identical_methods_is_zero_and_a_coin_flip(compare):
     base = {"a": [0.5] * 6, "b": [0.5] * 6}
     cand = [{"a": [1, 0, 1, 1, 0.5, 1], "b": [0, 1, 0.5, 1, 1, 0]}]

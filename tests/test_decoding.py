@@ -1,5 +1,6 @@
 """Decoding-time combination (MOD): one-hot = the value alone, the combined log-probs by hand,
-any w, batch independence, and the generation objective scoring with it."""
+any w, batch independence, the generation objective scoring with it, and the MOD sequence
+log-probs behind the implicit-reward objective."""
 
 import re
 import shlex
@@ -8,10 +9,12 @@ import pytest
 import torch
 from conftest import REPO, VALUES, make_datamodule, make_policy
 
+from mva_lightning.data.collate import collate_pairs
 from mva_lightning.model import lora
 from mva_lightning.model.decoding import combine_logprobs, generate_combined, mod_row_weights
 from mva_lightning.model.generation import generate, tokenize_prompts
-from mva_lightning.sweep.objectives import GenerationScore
+from mva_lightning.model.logps import combined_response_logps, response_logps
+from mva_lightning.sweep.objectives import GenerationScore, ImplicitReward
 
 PROMPTS = ["\n\nHuman: Tell me a joke.\n\nAssistant:", "A", "Hello there, how are", "xyz"]
 
@@ -185,3 +188,91 @@ def test_the_documented_sweep_command_composes_to_a_decoding_objective():
     node.objective.scorers = {v: {"_target_": "test_decoding.LengthScorer"} for v in VALUES}
     objective = instantiate(node.objective)
     assert isinstance(objective, GenerationScore) and objective.combination == "decoding"
+
+
+def _pair_batch(tokenizer, value="helpful"):
+    """Held-out pairs as a [chosen; rejected] batch: (input_ids, attention_mask, response_mask)."""
+    dm = make_datamodule(tokenizer)
+    batch = collate_pairs(dm.tokenized(value, "val"), tokenizer.pad_token_id)
+    return dm, (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+
+
+def _per_pair(rows):
+    """{value: (B,) weights} from one row (w_helpful, w_harmless) per pair."""
+    return {v: torch.tensor([float(r[k]) for r in rows]) for k, v in enumerate(VALUES)}
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_mod_sequence_logps_match_a_hand_computation(setup, share_prompt):
+    policy, _, tokenizer = setup
+    _, args = _pair_batch(tokenizer)
+    ids, mask, response = args
+    pairs, w = ids.shape[0] // 2, (1.5, -0.5)
+
+    def mod(pair_weights=None):
+        return combined_response_logps(
+            policy, *args, share_prompt=share_prompt, pair_weights=pair_weights
+        )
+
+    with torch.no_grad():
+        scores = 0.0
+        for v, wv in zip(VALUES, w, strict=True):  # two forwards, each value's vector alone
+            with lora.using_weights(policy, {v: 1.0}):
+                logits = policy(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (S, T-1, V)
+            scores = scores + wv * torch.log_softmax(logits.float(), dim=-1)
+        log_mod = scores - torch.logsumexp(scores, dim=-1, keepdim=True)  # (S, T-1, V)
+        token = log_mod.gather(-1, ids[:, 1:, None])[..., 0]  # (S, T-1)
+        hand = (token * response[:, 1:]).sum(dim=1)  # (S,) over the response tokens
+        got = mod(_per_pair([w] * pairs))
+        torch.testing.assert_close(got, hand, rtol=1e-5, atol=1e-4)
+        with lora.using_weights(policy, dict(zip(VALUES, w, strict=True))):
+            torch.testing.assert_close(mod(), got)  # None: the policy's current weights
+        # one-hot w: that value's own log-probs; w = 0: the base model's
+        for one_hot in [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)]:
+            with lora.using_weights(policy, dict(zip(VALUES, one_hot, strict=True))):
+                own = response_logps(policy, *args)
+            torch.testing.assert_close(mod(_per_pair([one_hot] * pairs)), own)
+        # each pair with its own w computes as if alone
+        rows = [(1.5, -0.5), (0.0, 0.0), (1.0, 0.0), (0.3, 0.7), (-1.0, 2.0), (0.5, 0.5)]
+        together = mod(_per_pair(rows[:pairs]))
+        for i, row in enumerate(rows[:pairs]):
+            alone = combined_response_logps(
+                policy, *(t[[i, pairs + i]] for t in args), pair_weights=_per_pair([row])
+            )
+            torch.testing.assert_close(together[[i, pairs + i]], alone, rtol=1e-5, atol=1e-4)
+    assert lora.get_weights(policy) == {"helpful": 0.0, "harmless": 0.0}  # restored
+
+
+def test_implicit_reward_with_decoding_combination(setup):
+    policy, _, tokenizer = setup
+    dm, _ = _pair_batch(tokenizer)
+    objective = ImplicitReward(beta=0.1, combination="decoding", candidates_per_forward=4)
+    objective.validate(dm, VALUES)
+    many = objective.score_many(policy, dm, VALUES, CANDIDATES)
+    merged = ImplicitReward(beta=0.1).score_many(policy, dm, VALUES, CANDIDATES)
+    for v in VALUES:
+        _, args = _pair_batch(tokenizer, v)
+        with torch.no_grad(), lora.using_weights(policy, {}):
+            ref = response_logps(policy, *args)
+        for w, got in zip(CANDIDATES, many, strict=True):
+            with torch.no_grad(), lora.using_weights(policy, w):
+                chosen, rejected = (0.1 * (combined_response_logps(policy, *args) - ref)).chunk(2)
+            margins = chosen - rejected
+            assert got[f"{v}/margin"] == pytest.approx(float(margins.mean()), abs=1e-5)
+            assert got.per_item[v] == [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
+        assert many[0][v] == 0.5 and many[0][f"{v}/margin"] == 0.0  # w = 0: the base, all ties
+        # a one-hot w is the value's vector alone: the same model as merged weights
+        assert many[3][f"{v}/margin"] == pytest.approx(merged[3][f"{v}/margin"], abs=1e-5)
+    assert many[2]["helpful/margin"] != pytest.approx(merged[2]["helpful/margin"], abs=1e-4)
+    with lora.using_weights(policy, CANDIDATES[1]):  # score(): the policy's current w
+        one = objective.score(policy, dm, VALUES)
+    assert one["helpful/margin"] == pytest.approx(many[1]["helpful/margin"], abs=1e-5)
+    assert objective.settings()["combination"] == "decoding"
+    assert objective.for_split("test").combination == "decoding"
+    assert "combination" not in ImplicitReward().settings()  # earlier caches stay valid
+    with pytest.raises(
+        ValueError,
+        match=r"extrapolation\.objective\.combination: expected one of "
+        r"\['weights', 'decoding'\], got 'mod'",
+    ):
+        ImplicitReward(combination="mod")

@@ -16,6 +16,10 @@ instead of twice and padding shrinks to one row per pair (prefix sharing, as in 
 2024, "Accelerating Direct Preference Optimization with Prefix Sharing"). One forward, so it
 pays at any width; it needs an attention implementation that takes a 4D mask (``sdpa``,
 ``eager``) and falls back to the plain path otherwise.
+
+:func:`combined_response_logps` is the same for the decoding-time combination (MOD) of the
+value vectors: K one-hot copies of every row in that one forward, their per-token
+log-softmaxes combined with w and renormalised.
 """
 
 from __future__ import annotations
@@ -103,19 +107,140 @@ def response_logps(
         (S,) fp32 log pi(y|x).
     """
     num_seqs = input_ids.shape[0]
-    if pair_weights is not None and num_seqs % 2:
+    row_weights = _pairs_to_rows(pair_weights, num_seqs)
+    logits, targets, seq_index = _response_logits(
+        model,
+        input_ids,
+        attention_mask,
+        response_mask,
+        head_on_response_only,
+        share_prompt,
+        row_weights,
+    )
+    return sum_by_sequence(token_logps(logits, targets), seq_index, num_seqs)
+
+
+def combined_response_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    head_on_response_only: bool = True,
+    share_prompt: bool = False,
+    pair_weights: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`response_logps` of the decoding-time combination (MOD) of the value vectors.
+
+    Per response token t, log p_MOD(y_t) = s_t[y_t] - logsumexp(s_t) with
+    s_t = sum_v w_v log_softmax(logits of pi_v at t) over the vocabulary, pi_v the base with
+    value v's vector alone (:mod:`mva_lightning.model.decoding`); summed over the response. Each
+    sequence runs as K rows in one forward, row v with the one-hot weights e_v
+    (:func:`lora.using_row_weights`), so it costs K times :func:`response_logps`. A one-hot w
+    gives that value's own log-probs, and w = 0 the base model's, as decoding does.
+
+    Args:
+        model: A model from :func:`lora.add_value_vectors`; its K value vectors are combined.
+        input_ids: (S, T) prompt + response, right-padded.
+        attention_mask: (S, T) 1 on real tokens.
+        response_mask: (S, T) True where token t belongs to the response (the targets).
+        head_on_response_only: As :func:`response_logps`.
+        share_prompt: As :func:`response_logps` (the K rows of a pair stay one packed pair).
+        pair_weights: Value name -> (S/2,) preference vector of each pair of a
+            ``[chosen; rejected]`` batch (values left out: 0); None: the model's current
+            weights (:func:`lora.get_weights`) for every row.
+
+    Returns:
+        (S,) fp32 log p_MOD(y|x).
+    """
+    from mva_lightning.model.decoding import combine_logprobs, mod_row_weights
+
+    num_seqs, device = input_ids.shape[0], input_ids.device
+    names = lora.value_names(model)
+    if not names:
+        raise ValueError("combined_response_logps: the model has no value vectors to combine")
+    k = len(names)
+    if pair_weights is None:
+        current = lora.get_weights(model)
+        table = torch.tensor([[current[v] for v in names]]).expand(num_seqs, k)  # (S, K)
+    else:
+        lora.check_names(names, pair_weights)
+        rows = _pairs_to_rows(pair_weights, num_seqs)
+        zeros = torch.zeros(num_seqs)
+        table = torch.stack([rows.get(v, zeros).float().cpu() for v in names], 1)  # (S, K)
+    adapters, mix = mod_row_weights(table)  # (S * K, K) one-hot rows, (S, K) combination
+    # Expanded row (h, c, i), h the half of a [chosen; rejected] batch: copy c (adapter e_c) of
+    # row h * S/2 + i, so that the rows of pair (c, i) stay S * K / 2 apart (packable).
+    halves = 2 if num_seqs % 2 == 0 else 1
+    shape = (halves, k, num_seqs // halves)
+    seq = torch.arange(num_seqs).view(halves, 1, -1).expand(shape).reshape(-1)  # (S * K,)
+    copy = torch.arange(k).view(1, k, 1).expand(shape).reshape(-1)  # (S * K,)
+    row_adapters = adapters.view(num_seqs, k, k)[seq, copy]  # (S * K, K)
+    expanded = [t[seq.to(t.device)] for t in (input_ids, attention_mask, response_mask)]
+    logits, targets, index = _response_logits(
+        model,
+        *expanded,
+        head_on_response_only,
+        share_prompt,
+        dict(zip(names, row_adapters.unbind(1), strict=True)),
+    )  # (K * N, V), (K * N,), (K * N,)
+    # Align the copies: tokens of copy c of row s, in order, under key c * S + s (stable sort);
+    # then token n's K copies are rows n * K ... n * K + K - 1.
+    key = (copy * num_seqs + seq).to(device)[index]
+    n = key.shape[0] // k
+    order = torch.argsort(key, stable=True).view(k, n).t().reshape(-1)  # (N * K,)
+    logits = logits[order]  # (N * K, V), token-major
+    token_seq = seq.to(device)[index[order[::k]]]  # (N,)
+    targets = targets[order[::k]]  # (N,)
+    token_mix = mix.to(device)[token_seq]  # (N, K)
+    scores = combine_logprobs(logits, token_mix)  # (N, V) sum_v w_v log pi_v
+    # one value alone (one-hot w; w = 0 counts the base row): that row's own logits, so that
+    # the log-probs are exactly what response_logps computes
+    single = ((token_mix != 0).sum(dim=1) == 1) & (token_mix.sum(dim=1) == 1)  # (N,)
+    own = logits.view(n, k, -1)[torch.arange(n, device=device), token_mix.argmax(dim=1)]
+    scores = torch.where(single[:, None], own.float(), scores)  # (N, V)
+    return sum_by_sequence(token_logps(scores, targets), token_seq, num_seqs)
+
+
+def _pairs_to_rows(
+    pair_weights: Mapping[str, torch.Tensor] | None, num_seqs: int
+) -> dict[str, torch.Tensor] | None:
+    """(S/2,) weights per pair -> (S,) per row of a ``[chosen; rejected]`` batch."""
+    if pair_weights is None:
+        return None
+    if num_seqs % 2:
         raise ValueError(f"pair_weights needs a [chosen; rejected] batch, got {num_seqs} rows")
+    return {v: w.repeat(2) for v, w in pair_weights.items()}
+
+
+def _response_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    head_on_response_only: bool,
+    share_prompt: bool,
+    row_weights: Mapping[str, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a response token (see :func:`response_logps`).
+
+    Args:
+        row_weights: Value name -> (S,) weights of each row (None: the model's current ones).
+
+    Returns:
+        ``(logits, targets, seq_index)``: (N, V) logits, (N,) the token each predicts and (N,)
+        its row; the tokens of a row come in their order.
+    """
     split = _split_head(model) if head_on_response_only else None
     kind = _attention_kind(model) if share_prompt and split is not None else None
     if kind is not None:
-        packed = _packed_pair_logps(
-            *split, kind, input_ids, attention_mask, response_mask, _rows(model, pair_weights, 1)
+        packed = _packed_pair_logits(
+            *split, kind, input_ids, attention_mask, response_mask, model, row_weights
         )
         if packed is not None:
             return packed
     target_mask = response_mask[:, 1:].bool()  # (S, T-1): token t+1 is predicted at position t
     targets = input_ids[:, 1:][target_mask]  # (N,)
-    with _rows(model, pair_weights, 2):  # rows i and B + i are pair i
+    with _rows(model, row_weights):
         if split is not None:
             decoder, head = split
             hidden = decoder(
@@ -125,30 +250,32 @@ def response_logps(
         else:
             out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             logits = out.logits[:, :-1][target_mask]  # (N, V)
-    seq_index = torch.arange(num_seqs, device=input_ids.device)[:, None].expand_as(target_mask)
-    return sum_by_sequence(token_logps(logits, targets), seq_index[target_mask], num_seqs)
+    seq_index = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return logits, targets, seq_index[:, None].expand_as(target_mask)[target_mask]
 
 
-def _packed_pair_logps(
+def _packed_pair_logits(
     decoder: nn.Module,
     head: nn.Module,
     attention: str,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_mask: torch.Tensor,
-    rows: contextlib.AbstractContextManager,
-) -> torch.Tensor | None:
-    """``response_logps`` of a ``[chosen; rejected]`` batch, one packed row per pair.
-
-    ``rows`` is entered around the forward (per-pair weights of the packed rows).
+    model: nn.Module,
+    row_weights: Mapping[str, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:func:`_response_logits` of a ``[chosen; rejected]`` batch, one packed row per pair.
 
     Returns None (the caller takes the plain path) unless rows i and B + i hold the same
-    non-empty prompt and every row is prompt, then a non-empty response, then padding.
+    non-empty prompt and the same ``row_weights``, and every row is prompt, then a non-empty
+    response, then padding.
     """
     num_seqs, width = input_ids.shape
     if num_seqs % 2:
         return None
     b = num_seqs // 2
+    if row_weights is not None and not all(torch.equal(w[:b], w[b:]) for w in row_weights.values()):
+        return None
     device = input_ids.device
     resp = response_mask.bool()
     starts = resp.int().argmax(dim=1)  # (S,) prompt lengths: first response position
@@ -187,7 +314,8 @@ def _packed_pair_logps(
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
             ~mask, torch.finfo(dtype).min
         )
-    with rows:
+    pair_rows = None if row_weights is None else {v: w[:b] for v, w in row_weights.items()}
+    with _rows(model, pair_rows):
         hidden = decoder(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
         ).last_hidden_state  # (B, L, d)
@@ -198,15 +326,13 @@ def _packed_pair_logps(
     pair = torch.arange(b, device=device)[:, None].expand_as(targets)  # (B, L)
     logits = head(hidden[pair[targets], predictor[targets]])  # (N, V)
     seq_index = torch.where(is_chosen, pair, pair + b)[targets]  # chosen -> i, rejected -> B + i
-    return sum_by_sequence(token_logps(logits, ids[targets]), seq_index, num_seqs)
+    return logits, ids[targets], seq_index
 
 
 def _rows(
-    model: nn.Module, pair_weights: Mapping[str, torch.Tensor] | None, rows_per_pair: int
+    model: nn.Module, row_weights: Mapping[str, torch.Tensor] | None
 ) -> contextlib.AbstractContextManager:
-    """Per-row weights for a forward whose rows are the pairs, repeated ``rows_per_pair`` times."""
-    if pair_weights is None:
+    """Per-row weights for a forward (None: the model's current weights)."""
+    if row_weights is None:
         return contextlib.nullcontext()
-    return lora.using_row_weights(
-        model, {v: w.repeat(rows_per_pair) for v, w in pair_weights.items()}
-    )
+    return lora.using_row_weights(model, row_weights)

@@ -16,6 +16,8 @@ its column averages (what :mod:`mva_lightning.sweep.bootstrap` resamples for int
   r_chosen > r_rejected and 1/2 on a tie (so the base, whose margins are all 0, scores 0.5:
   chance), extra column ``v/margin`` = mean(r_chosen - r_rejected). No generation; the
   reference log-probs are computed once per (value, split) and reused for every candidate.
+  pi_w is the merged model (``combination="weights"``) or the decoding-time combination
+  (``"decoding"``, MOD: :func:`mva_lightning.model.logps.combined_response_logps`).
 - :class:`GenerationScore` (docs/method.md §5b, the paper's metric): one shared prompt set, one
   batched generation for a batch of candidates, each value's scorer applied to (prompt,
   continuation). Candidates generate with merged weights (``combination="weights"``) or by
@@ -51,6 +53,24 @@ class Scores(dict):
     ) -> None:
         super().__init__(columns or {})
         self.per_item = {v: [float(x) for x in s] for v, s in (per_item or {}).items()}
+
+
+COMBINATIONS = ("weights", "decoding")  # merged weights | MOD (decoding-time combination)
+
+
+def check_combination(combination: str) -> None:
+    """Raise ``ValueError`` unless ``combination`` is one of :data:`COMBINATIONS`."""
+    if combination not in COMBINATIONS:
+        raise ValueError(
+            f"extrapolation.objective.combination: expected one of {list(COMBINATIONS)}, "
+            f"got {combination!r}"
+        )
+
+
+def combination_settings(combination: str) -> dict[str, str]:
+    """The ``combination`` entry of an objective's settings: recorded when not the default,
+    so that earlier runs' score caches stay valid."""
+    return {"combination": combination} if combination != "weights" else {}
 
 
 def pair_credit(margins: torch.Tensor) -> torch.Tensor:
@@ -131,6 +151,11 @@ class ImplicitReward(Objective):
             "auto".
         candidates_per_forward: Preference vectors scored in one forward by
             :meth:`score_many` (rows and memory grow with it; the scores do not change).
+        combination: What pi_w is: ``"weights"``, the merged weights W_0 + sum_v w_v delta W_v;
+            ``"decoding"``, the decoding-time combination (MOD), log pi_w(y|x) = sum over
+            response tokens of log softmax(sum_v w_v log pi_v)[y_t]
+            (:func:`mva_lightning.model.logps.combined_response_logps`; K rows per pair, K times
+            the forward cost). The reference pi_0 is the base model either way.
     """
 
     def __init__(
@@ -142,7 +167,9 @@ class ImplicitReward(Objective):
         head_on_response_only: bool = True,
         share_prompt: bool | str = "auto",
         candidates_per_forward: int = 8,
+        combination: str = "weights",
     ) -> None:
+        check_combination(combination)
         if not beta > 0:
             raise ValueError(f"ImplicitReward: beta must be > 0, got {beta}")
         if max_pairs is not None and max_pairs < 1:
@@ -151,7 +178,7 @@ class ImplicitReward(Objective):
         self.beta, self.split, self.max_pairs = float(beta), split, max_pairs
         self.batch_size, self.head_on_response_only = batch_size, head_on_response_only
         self.share_prompt, self.candidates_per_forward = share_prompt, candidates_per_forward
-        # (id(datamodule), value) -> [(batch, reference log-probs (2B,))]
+        self.combination = combination
         # (id(datamodule), value) -> its collated pairs, and their reference log-probs (one
         # cache class with the training module's: mva_lightning.training.reference)
         self._batches: dict[tuple[int, str], list[dict]] = {}
@@ -163,6 +190,7 @@ class ImplicitReward(Objective):
             "beta": self.beta,
             "max_pairs": self.max_pairs,
             "ties": "half",  # a tie counts 1/2 (the base scores 0.5)
+            **combination_settings(self.combination),
         }
 
     def for_split(self, split: str) -> ImplicitReward:
@@ -174,6 +202,7 @@ class ImplicitReward(Objective):
             self.head_on_response_only,
             self.share_prompt,
             self.candidates_per_forward,
+            self.combination,
         )
 
     def validate(self, datamodule, values: Sequence[str]) -> None:
@@ -196,8 +225,8 @@ class ImplicitReward(Objective):
         pad = datamodule.tokenizer.pad_token_id
         device = _device(policy)
 
-        def base_rows(batch: dict) -> torch.Tensor:
-            return reference_rows(self._logps(policy, batch))  # (B, 2): chosen, rejected
+        def base_rows(batch: dict) -> torch.Tensor:  # pi_0: the base, whatever the combination
+            return reference_rows(self._logps(policy, batch, combined=False))  # (B, 2)
 
         for v in values:
             key = (id(datamodule), v)
@@ -261,10 +290,18 @@ class ImplicitReward(Objective):
         reward = self.beta * (logps.float().view(2, c, b) - ref.view(2, 1, b))
         return reward[0] - reward[1]
 
-    def _logps(self, policy, batch: dict, pair_weights=None) -> torch.Tensor:
-        from mva_lightning.model.logps import response_logps, share_prompt_pays
+    def _logps(self, policy, batch: dict, pair_weights=None, combined=None) -> torch.Tensor:
+        """(2B,) log pi_w of a batch (``combined``: MOD's; None: as the combination says)."""
+        from mva_lightning.model.logps import (
+            combined_response_logps,
+            response_logps,
+            share_prompt_pays,
+        )
 
-        return response_logps(
+        if combined is None:
+            combined = self.combination == "decoding"
+        logps = combined_response_logps if combined else response_logps
+        return logps(
             policy,
             batch["input_ids"],
             batch["attention_mask"],
@@ -285,9 +322,6 @@ def _repeat_pairs(rows: torch.Tensor, copies: int) -> torch.Tensor:
 def _check_candidates_per_forward(owner: str, n: int) -> None:
     if not (isinstance(n, int) and n >= 1):
         raise ValueError(f"{owner}: candidates_per_forward must be an integer >= 1, got {n!r}")
-
-
-COMBINATIONS = ("weights", "decoding")  # GenerationScore: merged weights | MOD
 
 
 class GenerationScore(Objective):
@@ -348,11 +382,7 @@ class GenerationScore(Objective):
         indicators: Mapping[str, Any] | None = None,
         combination: str = "weights",
     ) -> None:
-        if combination not in COMBINATIONS:
-            raise ValueError(
-                f"extrapolation.objective.combination: expected one of {list(COMBINATIONS)}, "
-                f"got {combination!r}"
-            )
+        check_combination(combination)
         # None: a value the run does not have (a config listing scorers for optional values).
         scorers = {v: s for v, s in (scorers or {}).items() if s is not None}
         if not scorers:
@@ -396,8 +426,7 @@ class GenerationScore(Objective):
             "max_prompt_length": self.max_prompt_length,
             **{k: v for k, v in self.generation.items() if k != "batch_size"},
             **({"prompts_file": self.prompts_file} if self.prompts_file else {}),
-            # recorded when not the default, so that earlier runs' score caches stay valid
-            **({"combination": self.combination} if self.combination != "weights" else {}),
+            **combination_settings(self.combination),
             **(
                 {"indicators": {k: _scorer_name(f) for k, f in self.indicators.items()}}
                 if self.indicators
