@@ -102,7 +102,7 @@ def build(cfg: DictConfig, splits: dict[str, Any]):
     values = list(cfg.value.keys())
     method = method_inputs(values, **OmegaConf.to_container(cfg.get("method") or {}, resolve=True))
     names = [*method.adapter_names, *method.frozen]  # MVA: one adapter per value
-    backbone, policy = build_policy(cfg, names)
+    backbone, policy = build_policy(cfg, names)  # Panacea: names are its preference's values
     load_frozen(policy, method.frozen)
     if cfg.train.get("compile", False):
         compile_decoder(backbone.model)
@@ -135,6 +135,7 @@ def build(cfg: DictConfig, splits: dict[str, Any]):
         gradient_clip_val=cfg.train.gradient_clip_val,
         mi_max_samples=cfg.mi.max_samples,
         **method.module_kwargs(),
+        **({"preference_seed": cfg.seed} if method.panacea is not None else {}),
     )
     return backbone, module, datamodule
 
@@ -142,15 +143,25 @@ def build(cfg: DictConfig, splits: dict[str, Any]):
 def build_policy(cfg: DictConfig, adapters: list[str]):
     """The base model of ``model.loader`` with one LoRA adapter per name (``model.lora``).
 
+    A Panacea run (``method.preference_input``) gets its SVD-LoRA layers instead, on the same
+    ``model.lora`` target modules and rank, with one preference entry per name (its values).
+
     Returns:
-        ``(backbone, policy)``: the base's Backbone (model and tokenizer) and the PEFT model.
+        ``(backbone, policy)``: the base's Backbone (model and tokenizer) and the PEFT model
+        (Panacea: the base model with its target modules replaced).
     """
     from hydra.utils import instantiate
 
-    from mva_lightning.model import lora
+    from mva_lightning.model import lora, panacea
 
     backbone = instantiate(cfg.model.loader)
     lora_kw = OmegaConf.to_container(cfg.model.lora, resolve=True)
+    method = cfg.get("method") or {}
+    if method.get("preference_input", False):
+        lambda_init = method.get("lambda_init", 0.0)
+        return backbone, panacea.add_panacea(
+            backbone.model, adapters, lambda_init=lambda_init, **lora_kw
+        )
     return backbone, lora.add_value_vectors(backbone.model, adapters, **lora_kw)
 
 

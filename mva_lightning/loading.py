@@ -9,6 +9,10 @@ model from the config, loads the adapters and applies w exactly with :func:`lora
 :func:`export_merged` writes a plain full-weight model for one w (the concatenated adapter of
 :func:`lora.concatenated_adapter` merged with ``merge_and_unload``).
 
+A Panacea run (``method.preference_input``) saves its one SVD-LoRA model to
+``adapters/panacea/`` (:mod:`mva_lightning.model.panacea`); :func:`load_policy` feeds w to it as
+the preference input (:func:`panacea.set_preference`) instead of scaling adapters.
+
 A run that has no adapters yet (stopped before training finished) is named as such, with the
 ``python -m mva_lightning ... ckpt_path=<run>/checkpoints/last.ckpt`` command that resumes it
 (:func:`resume_command`).
@@ -20,7 +24,7 @@ import json
 import os
 import re
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +39,14 @@ def write_adapter(
     folder: str | os.PathLike,
     extra_json: Mapping[str, Any] | None = None,
     extra_text: Mapping[str, str] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save a LoRA config and tensors as a standard PEFT adapter folder, atomically.
 
     The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (plus one JSON
-    file per ``extra_json`` entry, file name -> object, and one text file per ``extra_text``
-    entry, e.g. a model card ``README.md``) and loads with
-    ``PeftModel.from_pretrained(base, folder)``. It appears whole or not at all.
+    file per ``extra_json`` entry, file name -> object, one text file per ``extra_text``
+    entry, e.g. a model card ``README.md``, and whatever ``extra_files(folder)`` writes) and
+    loads with ``PeftModel.from_pretrained(base, folder)``. It appears whole or not at all.
     """
     from safetensors.torch import save_file
 
@@ -53,6 +58,8 @@ def write_adapter(
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         for name, text in (extra_text or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        if extra_files is not None:
+            extra_files(tmp)
     return folder
 
 
@@ -79,12 +86,19 @@ def shared_adapter(cfg) -> str | None:
     return method.get("shared_adapter") or None
 
 
+def is_panacea(cfg) -> bool:
+    """Whether the run is Panacea's (``method.preference_input``: w is an input of one model)."""
+    return bool((cfg.get("method") or {}).get("preference_input", False))
+
+
 def run_adapters(cfg) -> list[str]:
     """The adapters a run trains and saves under ``adapters/``, in order.
 
     One per value, named after it (MVA, SOUP, ...), or the one shared adapter of a baseline
     (``method.shared_adapter``: DPO, DPO-LW, DPO-SeqT, MODPO). MODPO's frozen margin adapters are
     not part of the run (they are read from ``method.margin_from`` during training only).
+    Panacea: the values, the entries of its preference input (its one model is in
+    ``adapters/panacea/``).
     """
     shared = shared_adapter(cfg)
     return [shared] if shared else run_values(cfg)
@@ -109,6 +123,8 @@ def build_policy(cfg, run_dir: str | os.PathLike):
 
     names = run_adapters(cfg)
     root = Path(run_dir) / "adapters"
+    if is_panacea(cfg):
+        return _build_panacea(cfg, run_dir, names)
     folders = {a: root / a / "adapter_model.safetensors" for a in names}
     missing = [str(p) for p in folders.values() if not p.is_file()]
     if missing:
@@ -116,6 +132,22 @@ def build_policy(cfg, run_dir: str | os.PathLike):
     backbone, policy = build_model(cfg, names)
     for a, path in folders.items():
         lora.load_adapter_state_dict(policy, a, load_file(str(path)))
+    policy.eval()
+    return policy, backbone
+
+
+def _build_panacea(cfg, run_dir, values: list[str]):
+    # build_policy for Panacea: its SVD-LoRA layers, loaded from adapters/panacea/ (adapter off)
+    from mva_lightning.assembly import build_policy as build_model
+    from mva_lightning.model import panacea
+    from mva_lightning.training.module import PANACEA_ADAPTER
+
+    folder = Path(run_dir) / "adapters" / PANACEA_ADAPTER
+    if not (folder / panacea.WEIGHTS_FILE).is_file():
+        missing = [str(folder / panacea.WEIGHTS_FILE)]
+        raise FileNotFoundError(_missing_message(cfg, run_dir, [PANACEA_ADAPTER], missing))
+    backbone, policy = build_model(cfg, values)
+    panacea.load(policy, folder)
     policy.eval()
     return policy, backbone
 
@@ -277,6 +309,9 @@ def load_policy(run_dir: str | os.PathLike, preference: Preference = None):
             w is the one weight of its adapter: None or ``[1.0]`` is the model as trained (what
             the run's sweep scored, candidate ``[[1.0]]``), ``[w]`` or ``{"policy": w}`` scales
             it (0: the base model). A per-value list is refused (its length is not 1).
+            Panacea: w, as for MVA, fed as the preference input (``panacea.set_preference``
+            switches it in place; w = 0 keeps the shared singular values, ``None`` given to
+            ``set_preference`` is the base).
 
     Returns:
         ``(model, tokenizer)``: the PEFT model computing W_0 + sum_a w_a delta W_a over the run's
@@ -294,7 +329,12 @@ def load_policy(run_dir: str | os.PathLike, preference: Preference = None):
     cfg = run_config(run_dir)
     weights = run_weights(cfg, preference)  # checked before the model loads
     policy, backbone = build_policy(cfg, run_dir)
-    lora.set_weights(policy, weights)
+    if is_panacea(cfg):  # w is the preference input of the one model
+        from mva_lightning.model import panacea
+
+        panacea.set_preference(policy, list(weights.values()))
+    else:
+        lora.set_weights(policy, weights)
     return policy, backbone.tokenizer
 
 
@@ -322,8 +362,14 @@ def export_merged(
     cfg = run_config(run_dir)
     weights = run_weights(cfg, preference)
     policy, backbone = build_policy(cfg, run_dir)
-    config, state = lora.concatenated_adapter(policy, weights)
-    base = policy.unload()  # the base model with the LoRA layers taken out, nothing merged
+    if is_panacea(cfg):  # the exact LoRA adapter of the model at w
+        from mva_lightning.model import panacea
+
+        config, state = panacea.peft_adapter(policy, list(weights.values()))
+        base = panacea.unload(policy)
+    else:
+        config, state = lora.concatenated_adapter(policy, weights)
+        base = policy.unload()  # the base model with the LoRA layers taken out, nothing merged
     merged_peft = get_peft_model(base, config)
     set_peft_model_state_dict(merged_peft, state)
     merged = merged_peft.merge_and_unload()

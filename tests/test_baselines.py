@@ -49,9 +49,11 @@ def test_every_method_config_runs_a_fast_dev_run(method, toy_data, frozen_run, t
         extra.append(f"method.margin_from={frozen_run}")
     metrics = train(compose(toy_overrides(toy_data, out, *extra)))
     trained = sorted(p.name for p in (out / "adapters").iterdir())
-    assert trained == (["policy"] if method in SHARED else ["harmless", "helpful"])
+    adapters = {"panacea": ["panacea"]}.get(method)  # one SVD-LoRA adapter, w its input
+    assert trained == (adapters or (["policy"] if method in SHARED else ["harmless", "helpful"]))
     manifest = json.loads((out / "extrapolation" / "pareto.json").read_text())
-    expected = {"soup": 3, "mva_no_extrapolation": 3}.get(method, 1 if method in SHARED else 4)
+    simplex = {"soup": 3, "mva_no_extrapolation": 3, "panacea": 3}
+    expected = simplex.get(method, 1 if method in SHARED else 4)
     assert metrics["pareto/num_candidates"] == expected == len(manifest["rows"])
     assert {"helpful", "harmless"} <= set(manifest["rows"][0])  # scored on every value
     if method in SHARED:

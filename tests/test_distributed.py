@@ -1,6 +1,9 @@
-"""Distributed training: 2-process DDP on CPU (gloo) reproduces the single-process adapters;
-the GPU strategy configs (FSDP, DeepSpeed ZeRO-2) compose and build."""
+"""Distributed training: 2-process DDP on CPU (gloo) reproduces the single-process adapters, and
+its sweep, sharded over the ranks, the single-process pareto.json; the GPU strategy configs
+(FSDP, DeepSpeed ZeRO-2) compose and build."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -84,6 +87,70 @@ def test_ddp_two_processes_match_single_process(toy_data, tmp_path):
     checkpoints = sorted(p.name for p in (ddp / "checkpoints").iterdir())  # one folder per run
     assert "last.ckpt" in checkpoints and len(checkpoints) == 2, checkpoints  # last + latest
     assert not list(ddp.rglob("*.tmp")) and not list(tmp_path.rglob("*rank_1*"))
+
+
+# A short sweep: three explicit candidates and the base, implicit-reward accuracy (grid's
+# objective), the front reported on test, intervals from 200 resamples, no generated samples.
+SWEEP = (
+    "extrapolation=grid",
+    "extrapolation.candidates.mode=explicit",
+    "extrapolation.candidates.vectors=[[0.5,0.5],[1.0,1.5],[1.5,0.5]]",
+    "extrapolation.bootstrap.resamples=200",
+    "extrapolation.samples.num_prompts=0",
+)
+TIMING = {"seconds", "candidates_per_s", "scored", "skipped"}
+
+
+def _pareto(run, subdir: str) -> dict:
+    """``<run>/<subdir>/pareto.json`` without timing, checkpoint paths as under extrapolation/."""
+    text = (run / subdir / "pareto.json").read_text()
+    data = json.loads(text.replace(f'"{subdir}/checkpoints/', '"extrapolation/checkpoints/'))
+    return {k: v for k, v in data.items() if k not in TIMING}
+
+
+def _assert_close(got, want, where: str = "pareto.json") -> None:
+    """Equal JSON, numbers up to float rounding (batches of other sizes round differently)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            _assert_close(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(got, bool):
+        assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-6), (where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
+@pytest.mark.slow  # one 2-process training run with its sweep, then two one-process sweeps
+def test_ddp_sweep_shards_candidates_and_matches_one_process(toy_data, tmp_path):
+    from mva_lightning.sweep.cli import rerun
+
+    run = tmp_path / "ddp"
+    proc = _ddp(toy_data, run, tmp_path, "data.loader.batch_size=2", *SWEEP)
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # rank 1 really ran
+    # Each rank scored its share into its own cache (the base and candidate 2 on rank 0, 1 and
+    # 3 on rank 1, for the selection); rank zero alone wrote the manifest and checkpoints.
+    ddp = json.loads((run / "extrapolation" / "pareto.json").read_text())
+    selection = run / "extrapolation" / "scores" / ddp["fingerprint"]
+    shares = {p.name: sorted(f.name for f in p.glob("w_*.json")) for p in selection.iterdir()}
+    assert shares == {
+        "rank0": ["w_0.0_0.0.json", "w_1.0_1.5.json"],
+        "rank1": ["w_0.5_0.5.json", "w_1.5_0.5.json"],
+    }
+    assert (ddp["scored"], ddp["skipped"]) == (4, 0) and ddp["hypervolume_ci"]
+    assert not list(run.rglob("*.tmp"))
+
+    # One process sweeping the same adapters (as saved) into another folder: the same results.
+    single = rerun(run, {"output_subdir": "single"})
+    assert (single.scored, single.skipped) == (4, 0)
+    _assert_close(_pareto(run, "extrapolation"), _pareto(run, "single"))
+    # One process resuming the sharded sweep reads every rank's cache: nothing scored again.
+    resumed = rerun(run)
+    assert (resumed.scored, resumed.skipped) == (0, 4)
+    _assert_close(_pareto(run, "extrapolation"), _pareto(run, "single"))
 
 
 def test_epoch_shuffle_shards_are_the_single_process_batches():

@@ -68,7 +68,7 @@ SUGGESTED = [
     *(  # hf_reward.OFFLINE_HINT, for each value of the paper's experiment
         ["+experiment=hh_2values", f"scorer@value.{v}.scorer={s}"]
         for v in ("helpful", "harmless")
-        for s in ("relevance", "harmlessness", "sentiment", "bt")
+        for s in ("rm_helpful", "rm_harmless", "relevance", "harmlessness", "sentiment")
     ),
 ]
 

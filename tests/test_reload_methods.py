@@ -23,7 +23,7 @@ from mva_lightning.loading import (
     run_adapters,
     run_config,
 )
-from mva_lightning.model import lora
+from mva_lightning.model import lora, panacea
 from mva_lightning.sweep.cli import rerun
 from mva_lightning.train import train
 
@@ -93,7 +93,15 @@ def test_every_method_reloads_and_reruns_its_sweep(method, runs):
     run = runs(method)
     cfg = run_config(run)
     names = run_adapters(cfg)
-    assert sorted(p.name for p in (run / "adapters").iterdir()) == sorted(names)
+    is_panacea = method == "panacea"  # one SVD-LoRA adapter; w is its preference input
+    folders = ["panacea"] if is_panacea else sorted(names)
+    assert sorted(p.name for p in (run / "adapters").iterdir()) == folders
+
+    def weights(model) -> dict[str, float]:
+        if is_panacea:
+            return dict(zip(names, panacea.get_preference(model), strict=True))
+        return lora.get_weights(model)
+
     manifest = _manifest(run)
     assert (manifest["adapters"] or manifest["values"]) == names
 
@@ -104,12 +112,12 @@ def test_every_method_reloads_and_reruns_its_sweep(method, runs):
     for row in front:
         w = {a: row[f"w/{a}"] for a in names}
         model, _ = load_policy(run, w)
-        assert lora.get_weights(model) == pytest.approx(w)
+        assert weights(model) == pytest.approx(w)
         base = instantiate(cfg.model.loader).model
         saved = PeftModel.from_pretrained(base, run / row["checkpoint"]).eval()
         torch.testing.assert_close(_logits(model), _logits(saved), atol=1e-5, rtol=1e-5)
     model, tokenizer = load_policy(run)  # w = 1 for every adapter: the trained model
-    assert lora.get_weights(model) == dict.fromkeys(names, 1.0) and not model.training
+    assert weights(model) == dict.fromkeys(names, 1.0) and not model.training
     assert tokenizer.pad_token_id is not None
     assert not torch.allclose(_logits(model), _base_logits(run), atol=1e-4)
 

@@ -301,7 +301,7 @@ def test_hf_reward_nan_is_a_scorer_error(tiny_rm):
 
 
 def test_hf_reward_unavailable_model_and_package(tmp_path):
-    with pytest.raises(ScorerUnavailable, match="could not load .*no-such-model.*scorer=relevance"):
+    with pytest.raises(ScorerUnavailable, match="could not load .*no-such-model.*=rm_helpful"):
         HFRewardModel(str(tmp_path / "no-such-model"))(["p"], ["r"])
     if importlib.util.find_spec("safe_rlhf") is None:  # the usual case: not installed
         with pytest.raises(ScorerUnavailable, match="needs the safe-rlhf package"):

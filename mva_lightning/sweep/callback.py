@@ -1,9 +1,10 @@
 """The extrapolation callback: once training is finished, sweep preference vectors (no math here).
 
 All the work is :func:`mva_lightning.sweep.sweep.extrapolate`; this class only decides when it
-runs (once, at the end of fit, when every stage is trained, on global rank zero), where it
-writes (``<default_root_dir>/<output_subdir>``) and where the results go (the trainer's loggers:
-W&B table / image / summary; :meth:`ExtrapolationCallback.metrics` for ``train()``).
+runs (once, at the end of fit, when every stage is trained, on every rank: each scores its share
+of the candidates, rank zero writes), where it writes (``<default_root_dir>/<output_subdir>``)
+and where the results go (the trainer's loggers: W&B table / image / summary;
+:meth:`ExtrapolationCallback.metrics` for ``train()``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,17 @@ import lightning as L
 from mva_lightning.sweep.manifest import ExtrapolationResult
 from mva_lightning.sweep.objectives import Objective
 from mva_lightning.sweep.samples import SAMPLES
-from mva_lightning.sweep.sweep import check, extrapolate
+from mva_lightning.sweep.sweep import Shard, check, extrapolate
 
 
 class ExtrapolationCallback(L.Callback):
     """Build the Pareto set of preference vectors once the value vectors are trained.
+
+    Under a multi-process strategy (world size N > 1) the sweep is sharded: rank r scores the
+    candidates r, r + N, ... (the base, w = 0, is candidate 0; each rank computes its own
+    reference log-probs), caching them in ``scores/<key>/rank<r>/``; every rank gathers every
+    score (per-item scores included), and rank zero alone selects the front, computes the
+    hypervolume and intervals and writes the manifest and checkpoints, as one process would.
 
     Args:
         candidates: ``mode`` (grid | simplex | explicit), ``values`` / ``start`` / ``stop`` /
@@ -73,12 +80,20 @@ class ExtrapolationCallback(L.Callback):
         return self.result.metrics() if self.result is not None else {}
 
     def run(
-        self, policy, datamodule, values: Sequence[str], run_dir, adapters=None
-    ) -> ExtrapolationResult:
+        self,
+        policy,
+        datamodule,
+        values: Sequence[str],
+        run_dir,
+        adapters=None,
+        shard: Shard | None = None,
+    ) -> ExtrapolationResult | None:
         """The sweep over a trained policy, written to ``<run_dir>/<output_subdir>``.
 
         ``adapters``: what the candidates weight when it is not one adapter per value (a
-        baseline's shared adapter); the scores stay per value.
+        baseline's shared adapter); the scores stay per value. ``shard``: this process's part
+        of a sweep over several (:class:`~mva_lightning.sweep.sweep.Shard`); the result is
+        None on a rank other than zero.
         """
         self.result = extrapolate(
             policy,
@@ -95,6 +110,7 @@ class ExtrapolationCallback(L.Callback):
             adapters=adapters,
             bootstrap=self.bootstrap,
             samples=self.samples,
+            shard=shard,
         )
         return self.result
 
@@ -113,8 +129,9 @@ class ExtrapolationCallback(L.Callback):
         )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Once: every stage trained (a fit that stopped early did not finish), on rank zero.
-        if not trainer.is_global_zero or not getattr(pl_module, "finished", True):
+        # Once: every stage trained (a fit that stopped early did not finish), on every rank.
+        shard = _shard(trainer)
+        if shard is None or not getattr(pl_module, "finished", True):
             return
         result = self.run(
             pl_module.policy,
@@ -122,8 +139,10 @@ class ExtrapolationCallback(L.Callback):
             pl_module.values,
             trainer.default_root_dir,
             _adapters(pl_module),
+            shard,
         )
-        self._log(trainer, result)
+        if result is not None:  # rank zero
+            self._log(trainer, result)
 
     def _log(self, trainer: L.Trainer, result: ExtrapolationResult) -> None:
         from lightning.pytorch.loggers import WandbLogger
@@ -148,6 +167,23 @@ class ExtrapolationCallback(L.Callback):
                     )
                 logger.experiment.summary.update(metrics)
             logger.save()
+
+
+def _shard(trainer: L.Trainer) -> Shard | None:
+    # This rank's part of the sweep: all of it in one process (none on a lone non-zero rank).
+    world_size = getattr(trainer, "world_size", 1)
+    if world_size <= 1:
+        return Shard() if trainer.is_global_zero else None
+    return Shard(trainer.global_rank, world_size, _all_gather_objects)
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    # Every rank's (picklable) object, in rank order; gloo and nccl alike.
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _adapters(pl_module: L.LightningModule) -> list[str] | None:

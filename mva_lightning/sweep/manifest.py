@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,6 +252,9 @@ def save_checkpoints(
     run_dir: Path,
     fingerprint: str,
     report: Mapping[tuple[float, ...], Mapping[str, Any]] | None = None,
+    adapter_at: Callable[[tuple[float, ...]], tuple[Any, Mapping]] | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> list[str | None]:
     """One adapter folder per kept w (``out_dir/checkpoints/<w>/``), stale folders removed.
 
@@ -269,6 +272,10 @@ def save_checkpoints(
         run_dir: The returned paths are relative to it.
         fingerprint: The score cache's key, recorded in ``preference.json``.
         report: Per w, its columns on the report split (``test/...``), for the model card.
+        adapter_at: w -> (LoRA config, tensors) of the model at w; None: the value vectors
+            scaled by w and concatenated (:func:`lora.concatenated_adapter`).
+        extra_meta: More entries for ``preference.json`` (e.g. the method).
+        extra_files: Writes more files into each folder (called with it, before it appears).
 
     Returns:
         Per candidate, its folder relative to ``run_dir``, or None when not kept.
@@ -284,14 +291,18 @@ def save_checkpoints(
             paths.append(None)
             continue
         target = folder / w_label(w)
-        config, state = lora.concatenated_adapter(policy, lora.preference_dict(names, w))
+        if adapter_at is None:
+            config, state = lora.concatenated_adapter(policy, lora.preference_dict(names, w))
+        else:
+            config, state = adapter_at(w)
         meta = {
             "w": list(w),
-            "values": names,
+            "values": list(names),
             "preference": dict(zip(names, w, strict=True)),
             "scores": by_w[w],
             "on_front": bool(on_front),
             "fingerprint": fingerprint,
+            **(extra_meta or {}),
         }
         card = model_card(config, meta, (report or {}).get(w, {}))
         write_adapter(
@@ -300,6 +311,7 @@ def save_checkpoints(
             target,
             extra_json={"preference.json": meta},
             extra_text={"README.md": card},
+            extra_files=extra_files,
         )
         wanted.add(target.name)
         paths.append(os.path.relpath(target, run_dir))

@@ -11,6 +11,11 @@ front. Then: Pareto mask and hypervolume (moocore, via :mod:`mva_lightning.sweep
 PEFT adapter folder per saved w, the manifest and ``pareto.png``
 (:mod:`mva_lightning.sweep.manifest` has the layout). Every write is atomic.
 
+Over several processes (a :class:`Shard` per rank), rank r scores the candidates r, r + N, ...
+of each list it scores (:func:`shard_of`), caches them in ``scores/<key>/rank<r>/`` and every
+rank gathers every score (:func:`merge_shards`); rank zero alone selects, computes intervals and
+writes. A resumed sweep reads the cache of every rank, whatever the number of processes.
+
 Rerun over a finished run (same folder, scored candidates skipped): :mod:`mva_lightning.sweep.cli`.
 """
 
@@ -20,16 +25,17 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from mva_lightning.io import fingerprint
-from mva_lightning.model import lora
+from mva_lightning.model import lora, panacea
 from mva_lightning.sweep import bootstrap as bootstrap_mod
 from mva_lightning.sweep import pareto
 from mva_lightning.sweep.bootstrap import Bootstrap
@@ -48,6 +54,65 @@ from mva_lightning.sweep.samples import SAMPLES, SampleSettings, write_samples
 log = logging.getLogger(__name__)
 
 SAVE_MODES = ("front", "all")
+T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a sweep spread over ``world_size`` processes.
+
+    Attributes:
+        rank: This process's global rank.
+        world_size: How many processes sweep together (1: this one alone).
+        gather: Every rank's object, in rank order, from each rank's own (an all-gather that
+            every rank calls as often as the others, e.g. ``torch.distributed.all_gather_object``);
+            None when ``world_size`` is 1.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    gather: Callable[[Any], list[Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"Shard: rank {self.rank} outside 0..{self.world_size - 1}")
+        if self.world_size > 1 and self.gather is None:
+            raise ValueError("Shard: several processes need a gather")
+
+    @property
+    def is_zero(self) -> bool:
+        """Whether this process writes (rank zero)."""
+        return self.rank == 0
+
+    def cache(self, folder: Path) -> Path:
+        """Where this rank caches scores: ``folder`` alone, else ``folder/rank<r>``."""
+        return folder if self.world_size == 1 else folder / f"rank{self.rank}"
+
+
+def shard_of(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """The items rank ``rank`` of ``world_size`` handles: ``rank``, ``rank + world_size``, ..."""
+    return list(items[rank::world_size])
+
+
+def merge_shards(parts: Sequence[Mapping[K, T]], order: Sequence[K]) -> dict[K, T]:
+    """Every rank's results (key -> result, one mapping per rank) as one mapping in ``order``.
+
+    Raises:
+        RuntimeError: A key of ``order`` that no rank has.
+    """
+    merged: dict[K, T] = {}
+    for part in parts:
+        merged.update(part)
+    missing = [k for k in order if k not in merged]
+    if missing:
+        raise RuntimeError(f"extrapolation: no rank returned {missing}")
+    return {k: merged[k] for k in order}
+
+
+def cache_folders(folder: Path) -> list[Path]:
+    """Every folder a sweep may have cached scores in: ``folder`` and its ``rank<r>`` folders."""
+    return [folder, *sorted(p for p in folder.glob("rank*") if p.is_dir())]
 
 
 def _reference(reference_point: str | Sequence[float], values: Sequence[str]) -> list[float] | None:
@@ -87,7 +152,7 @@ def check(
     if not values:
         raise ValueError("extrapolation: no values to extrapolate")
     names = list(adapters or values)  # what w weights: one adapter per value unless shared
-    trained = lora.value_names(policy)
+    trained = panacea.preference_names(policy) or lora.value_names(policy)  # Panacea: its w
     missing = [v for v in names if v not in trained]
     if missing:
         raise ValueError(f"extrapolation: values {missing} have no trained vector; have {trained}")
@@ -118,7 +183,8 @@ def extrapolate(
     adapters: Sequence[str] | None = None,
     bootstrap: Bootstrap | Mapping | None = None,
     samples: SampleSettings | Mapping | None = None,
-) -> ExtrapolationResult:
+    shard: Shard | None = None,
+) -> ExtrapolationResult | None:
     """Score candidates, select the Pareto front, save its checkpoints and the manifest.
 
     Args:
@@ -141,14 +207,18 @@ def extrapolate(
         bootstrap: Interval settings (:class:`Bootstrap` or its fields; None: the defaults).
             Every score gets an interval over the pairs or prompts behind it, and the
             hypervolume one from the same resamples (candidates and base rescored together).
+        shard: This process's part of a sweep over several processes (every one calls this
+            function with the same arguments); None: this process alone.
 
     Returns:
-        The :class:`ExtrapolationResult` (also in ``out_dir/pareto.json``).
+        The :class:`ExtrapolationResult` (also in ``out_dir/pareto.json``); None on a rank
+        other than zero of several (it scores and caches its part, and writes nothing else).
 
     Raises:
         ValueError / KeyError: On bad input, before any work (see :func:`check`).
     """
     values = list(values)
+    shard = shard or Shard()
     boot = bootstrap if isinstance(bootstrap, Bootstrap) else Bootstrap(**(bootstrap or {}))
     reading = samples if isinstance(samples, SampleSettings) else SampleSettings(**(samples or {}))
     weights, ref, report_objective = check(
@@ -165,17 +235,38 @@ def extrapolate(
     names = list(adapters or values)
     out_dir = Path(out_dir)
     run_dir = Path(run_dir) if run_dir is not None else out_dir.parent
-    adapter_hash = lora.adapter_fingerprint(policy, names)
+    is_panacea = panacea.is_panacea(policy)  # w is its preference input, not adapter weights
+    adapter_hash = (
+        panacea.fingerprint(policy) if is_panacea else lora.adapter_fingerprint(policy, names)
+    )
     zero = (0.0,) * len(names)
 
     start = time.perf_counter()
     todo = [zero, *(w for w in weights if w != zero)]
     by_w, cache_key, scored, skipped = _score_all(
-        policy, datamodule, values, objective, todo, out_dir, adapter_hash, progress, names
+        policy, datamodule, values, objective, todo, out_dir, adapter_hash, progress, names, shard
     )
     seconds = time.perf_counter() - start
     matrix = np.array([[by_w[w][v] for v in values] for w in weights])  # (n, K)
     mask = pareto.pareto_mask(matrix)
+    front = [zero, *(w for w, m in zip(weights, mask, strict=True) if m and w != zero)]
+    got: dict[tuple[float, ...], Scores] = {}
+    if report_objective is not None:
+        # The base (w = 0) is scored on the report split too: the honest comparison there.
+        got, _, _, _ = _score_all(
+            policy,
+            datamodule,
+            values,
+            report_objective,
+            front,
+            out_dir,
+            adapter_hash,
+            progress,
+            names,
+            shard,
+        )
+    if not shard.is_zero:  # every score gathered; rank zero alone selects and writes
+        return None
     base = by_w[zero]
     ref = ref if ref is not None else [base[v] for v in values]
     hv = pareto.hypervolume(matrix[mask], ref)
@@ -197,19 +288,6 @@ def extrapolate(
     improvement = None
     behaviour: dict[str, list[dict]] = {}
     if report_objective is not None:
-        # The base (w = 0) is scored on the report split too: the honest comparison there.
-        front = [zero, *(w for w, m in zip(weights, mask, strict=True) if m and w != zero)]
-        got, _, _, _ = _score_all(
-            policy,
-            datamodule,
-            values,
-            report_objective,
-            front,
-            out_dir,
-            adapter_hash,
-            progress,
-            names,
-        )
         split = report_objective.split
         res_report = _resample(got, front, values, boot, report_objective.shared_items)
         extra = {w: {} for w in front}
@@ -225,7 +303,7 @@ def extrapolate(
                 report[i] = {f"{split}/{k}": s for k, s in {**got[w], **extra[w]}.items()}
 
     keep = [bool(m) for m in mask] if save == "front" else [True] * len(weights)
-    checkpoints = save_checkpoints(
+    checkpoints = (panacea.save_checkpoints if is_panacea else save_checkpoints)(
         policy,
         names,
         weights,
@@ -262,8 +340,8 @@ def extrapolate(
     )
     write_manifest(out_dir, result)
     if reading.num_prompts and datamodule is not None:  # what each front point says
-        points = [zero, *(w for w, m in zip(weights, mask, strict=True) if m and w != zero)]
-        write_samples(policy, datamodule, values, names, points, reading, out_dir / SAMPLES)
+        write = panacea.write_samples if is_panacea else write_samples
+        write(policy, datamodule, values, names, front, reading, out_dir / SAMPLES)
     if len(values) >= 2:
         hv_text = f"HV={hv:.4g}" + (f" [{hv_ci[0]:.3g}, {hv_ci[1]:.3g}]" if hv_ci else "")
         pareto.plot_front(
@@ -372,11 +450,21 @@ def _improvement(res, front, values, selection, report, boot: Bootstrap) -> dict
     return out
 
 
-def _score_all(policy, datamodule, values, objective, todo, out_dir, adapters, progress, names):
+def _score_all(
+    policy, datamodule, values, objective, todo, out_dir, adapters, progress, names, shard: Shard
+):
     """Scores of every w in ``todo`` (weights of the adapters ``names``), read from the cache
-    or computed (and cached) now."""
-    from tqdm.auto import tqdm
+    or computed (and cached) now; over several processes each rank scores its share
+    (:func:`shard_of`) and gets every rank's scores.
 
+    Returns:
+        ``(w -> scores, in todo order; cache key; scored; read from the cache)``, the counts
+        summed over the ranks.
+
+    Raises:
+        RuntimeError: On every rank, when scoring failed on another one (which raises its own
+            error): no rank is left waiting for the others.
+    """
     cache_key = fingerprint(
         {
             "objective": objective.settings(),
@@ -385,27 +473,79 @@ def _score_all(policy, datamodule, values, objective, todo, out_dir, adapters, p
             "adapters": adapters,
         }
     )
-    cache = out_dir / "scores" / cache_key
-    out: dict[tuple[float, ...], dict[str, float]] = {}
+    folder = out_dir / "scores" / cache_key
+    mine = shard_of(todo, shard.rank, shard.world_size)
+    show = progress and shard.is_zero  # one bar, not one per process
+    parts = _on_every_rank(
+        shard,
+        lambda: _score_part(
+            policy, datamodule, values, objective, mine, folder, shard, show, names
+        ),
+    )
+    out = merge_shards([p[0] for p in parts], todo)
+    return out, cache_key, sum(p[1] for p in parts), sum(p[2] for p in parts)
+
+
+def _on_every_rank(shard: Shard, compute: Callable[[], T]) -> list[T]:
+    """``compute()`` here, and every rank's result in rank order (just this one's alone).
+
+    Raises:
+        Exception: ``compute``'s own error on the rank where it failed, and RuntimeError on every
+            other: each rank gathers once whether it failed or not, so none waits forever.
+    """
+    if shard.world_size == 1:
+        return [compute()]
+    failure: Exception | None = None
+    try:
+        part: T | str = compute()
+    except Exception as error:  # re-raised below, once every rank has gathered
+        failure, part = error, f"{type(error).__name__}: {error}"
+    parts = shard.gather(part)
+    if failure is not None:
+        raise failure
+    failed = [f"rank {r}: {p}" for r, p in enumerate(parts) if isinstance(p, str)]
+    if failed:
+        raise RuntimeError(f"extrapolation stopped: another process failed ({'; '.join(failed)})")
+    return parts
+
+
+def _score_part(policy, datamodule, values, objective, todo, folder, shard, progress, names):
+    """Scores of every w in ``todo``: read from any rank's cache under ``folder``, or computed
+    and cached in this rank's (:meth:`Shard.cache`).
+
+    Returns:
+        ``(w -> scores, in todo order; scored; read from the cache)``.
+    """
+    from tqdm.auto import tqdm
+
+    cache = shard.cache(folder)
+    readable = [cache, *(f for f in cache_folders(folder) if f != cache)]  # own cache first
+    out: dict[tuple[float, ...], Scores] = {}
     scored = skipped = 0
     desc = f"extrapolation [{objective.split}]"
     chunk = objective.candidates_per_forward
     with torch.no_grad(), lora.using_weights(policy, lora.get_weights(policy)):
         pending = []
         for w in todo:
-            cached = read_scores(cache, w, values)
+            cached = next(
+                (s for f in readable if (s := read_scores(f, w, values)) is not None), None
+            )
             if cached is None:
                 pending.append(w)
             else:
                 out[w] = cached
                 skipped += 1
         if pending:
-            objective.prepare(policy, datamodule, values)
+            with panacea.base_model(policy):  # Panacea's reference: its adapter off
+                objective.prepare(policy, datamodule, values)
         with tqdm(total=len(todo), initial=skipped, desc=desc, disable=not progress) as bar:
             for start in range(0, len(pending), chunk):  # a batch of candidates per forward
                 group = pending[start : start + chunk]
-                prefs = [lora.preference_dict(names, w) for w in group]
-                results = objective.score_many(policy, datamodule, values, prefs)
+                if panacea.is_panacea(policy):  # each w fed as the preference input
+                    results = panacea.score_candidates(objective, policy, datamodule, values, group)
+                else:
+                    prefs = [lora.preference_dict(names, w) for w in group]
+                    results = objective.score_many(policy, datamodule, values, prefs)
                 for w, result in zip(group, results, strict=True):
                     scores = Scores(
                         {k: float(s) for k, s in result.items()}, getattr(result, "per_item", {})
@@ -421,5 +561,4 @@ def _score_all(policy, datamodule, values, objective, todo, out_dir, adapters, p
                     out[w] = scores
                     scored += 1
                 bar.update(len(group))
-    out = {w: out[w] for w in todo}
-    return out, cache_key, scored, skipped
+    return {w: out[w] for w in todo}, scored, skipped

@@ -14,6 +14,11 @@ Every method trains with the same module; a method differs only in:
   r_j = beta (log pi_j - log pi_0) of the other values' vectors, read from a finished run's
   ``adapters/`` folder (``method.margin_from``) and loaded as adapters ``frozen_<value>``.
 
+- Panacea (Zhong et al. 2024, ``method.preference_input``): no LoRA adapters; one SVD-LoRA
+  model (:mod:`mva_lightning.model.panacea`) whose preference input is sampled per batch, loss
+  aggregated over the values (``method.aggregation``: linear | tchebycheff). ``panacea`` holds
+  its settings for the module (None for every other method).
+
 The schedule (``train.schedule``) gives the stages: sequential for DPO-SeqT, joint for DPO-LW.
 :func:`method_inputs` turns the ``method`` config node into those inputs.
 """
@@ -41,6 +46,7 @@ class MethodInputs:
         margin_weights: MODPO: frozen adapter name -> w_j (empty: no margin).
         margin_own_weight: MODPO's w_k for the trained value.
         frozen: Frozen adapter name -> PEFT adapter folder to load it from.
+        panacea: Panacea's settings (``aggregation``, ``ideal``, ``lambda_init``), or None.
     """
 
     name: str
@@ -49,6 +55,7 @@ class MethodInputs:
     margin_weights: dict[str, float] = field(default_factory=dict)
     margin_own_weight: float = 1.0
     frozen: dict[str, Path] = field(default_factory=dict)
+    panacea: dict | None = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -62,6 +69,7 @@ class MethodInputs:
             "loss_weights": self.loss_weights,
             "margin_weights": self.margin_weights,
             "margin_own_weight": self.margin_own_weight,
+            **({"panacea_settings": self.panacea} if self.panacea is not None else {}),
         }
 
 
@@ -71,6 +79,10 @@ def method_inputs(
     shared_adapter: str | None = None,
     weights: Sequence[float] | None = None,
     margin_from: str | os.PathLike | None = None,
+    preference_input: bool = False,
+    aggregation: str = "linear",
+    ideal: Sequence[float] | None = None,
+    lambda_init: float = 0.0,
 ) -> MethodInputs:
     """The module inputs of a method from its ``method`` config node.
 
@@ -83,6 +95,11 @@ def method_inputs(
             None: 1 each.
         margin_from: MODPO: a finished run's ``adapters/`` folder holding ``<value>/`` for
             every value but the first.
+        preference_input: Panacea: one SVD-LoRA model fed the preference w.
+        aggregation: Panacea: ``linear`` (sum_v w_v L_v) or ``tchebycheff``
+            (max_v w_v (L_v - z_v)).
+        ideal: Panacea, Tchebycheff: z, one per value (None: 0).
+        lambda_init: Panacea: initial per-layer preference scale.
 
     Returns:
         The :class:`MethodInputs`.
@@ -111,9 +128,30 @@ def method_inputs(
             f"dots, not starting with {FROZEN_PREFIX!r}"
         )
     adapters = {v: shared_adapter or v for v in values}
+    if preference_input:
+        return _panacea(
+            name, values, adapters, shared_adapter, margin_from, aggregation, ideal, lambda_init
+        )
     if margin_from is None:
         return MethodInputs(name, adapters, dict(zip(values, w, strict=True)))
     return _modpo(name, values, adapters, w, Path(margin_from))
+
+
+def _panacea(name, values, adapters, shared, margin_from, aggregation, ideal, lambda_init):
+    from mva_lightning.model.panacea import AGGREGATIONS
+
+    if shared is not None or margin_from is not None:
+        raise ValueError("method.preference_input (Panacea) takes no shared_adapter or margin_from")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"method.aggregation: expected one of {AGGREGATIONS}, got {aggregation!r}")
+    if ideal is not None and len(ideal) != len(values):
+        raise ValueError(f"method.ideal={list(ideal)}: expected {len(values)} entries ({values})")
+    settings = {
+        "aggregation": aggregation,
+        "ideal": None if ideal is None else [float(z) for z in ideal],
+        "lambda_init": float(lambda_init),
+    }
+    return MethodInputs(name, adapters, dict.fromkeys(values, 1.0), panacea=settings)
 
 
 def _modpo(name: str, values: list[str], adapters, w: list[float], folder: Path) -> MethodInputs:

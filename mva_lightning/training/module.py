@@ -26,6 +26,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -33,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mva_lightning.mi import MIEstimator
-from mva_lightning.model import lora
+from mva_lightning.model import lora, panacea
 from mva_lightning.model.logps import response_logps, share_prompt_pays
 from mva_lightning.training.losses import (
     DPOOutput,
@@ -47,7 +48,8 @@ from mva_lightning.training.stages import StagePlan, mi_pairs, stages_for
 
 log = logging.getLogger(__name__)
 
-_TRAINED_STATE = ("lora_A", "lora_B", "mi_penalty.heads.")
+PANACEA_ADAPTER = "panacea"  # Panacea's folder under the run's adapters/
+_TRAINED_STATE = ("lora_A", "lora_B", "mi_penalty.heads.", "panacea_")
 
 
 class MVAModule(L.LightningModule):
@@ -84,6 +86,11 @@ class MVAModule(L.LightningModule):
         margin_weights: MODPO: frozen adapter -> w_j; the trained values' DPO logits get the
             margin (1/w_k) sum_j w_j (r_j(y_w) - r_j(y_l)), precomputed once per split.
         margin_own_weight: MODPO's w_k (the trained value's weight): logits scaled by 1/w_k.
+        panacea_settings: Panacea's settings (``aggregation``, ``ideal``; see
+            :func:`~mva_lightning.training.methods.method_inputs`) for a policy from
+            :func:`panacea.add_panacea`: each batch feeds a sampled preference w and minimises
+            the aggregated loss; None for every other method.
+        preference_seed: Panacea: seed of the per-step preference draws.
     """
 
     def __init__(
@@ -111,6 +118,8 @@ class MVAModule(L.LightningModule):
         loss_weights: Mapping[str, float] | None = None,
         margin_weights: Mapping[str, float] | None = None,
         margin_own_weight: float = 1.0,
+        panacea_settings: Mapping | None = None,
+        preference_seed: int = 0,
     ) -> None:
         super().__init__()
         if alpha < 0:
@@ -128,6 +137,11 @@ class MVAModule(L.LightningModule):
         self.margin_weights = {k: float(w) for k, w in (margin_weights or {}).items()}
         self.margin_own_weight = float(margin_own_weight)
         self.values = list(values)
+        self.panacea_settings = dict(panacea_settings) if panacea_settings is not None else None
+        self.preference_seed = int(preference_seed)
+        self._panacea_saved = False
+        if self.panacea_settings is not None:
+            _check_panacea(policy, self.values, schedule, is_enabled(mi, alpha), margin_weights)
         needed = [*self.adapter_names, *self.margin_weights]
         missing = [a for a in needed if a not in lora.value_names(policy)]
         if missing:
@@ -177,6 +191,8 @@ class MVAModule(L.LightningModule):
         # Every trained adapter is trainable for the whole fit (distributed wrappers see one
         # fixed set); a stage's loss reaches only its own vectors.
         lora.set_trainable(policy, self.adapter_names)
+        if self.panacea_settings is not None:
+            panacea.set_trainable(policy)
         self.stage = 0
         self.stage_start_epoch = self.stage_start_step = 0
         self.finished = False
@@ -197,7 +213,10 @@ class MVAModule(L.LightningModule):
 
     @property
     def adapter_names(self) -> list[str]:
-        """The trained LoRA adapters, in value order (the values themselves for MVA)."""
+        """The trained LoRA adapters, in value order (the values themselves for MVA; none for
+        Panacea, whose one SVD-LoRA model the module saves itself)."""
+        if self.panacea_settings is not None:
+            return []
         return list(dict.fromkeys(self.adapters[v] for v in self.values))
 
     def stage_adapters(self) -> list[str]:
@@ -290,7 +309,7 @@ class MVAModule(L.LightningModule):
                 self.head_on_response_only,
                 share_prompt=self.share_prompt,
             )
-        with lora.using_weights(self.policy, {}):
+        with lora.using_weights(self.policy, {}), panacea.base_model(self.policy):
             return self.policy_logps({}, batch)
 
     def cached_reference_logps(self, value: str, split: str, batch: dict) -> torch.Tensor:
@@ -352,9 +371,11 @@ class MVAModule(L.LightningModule):
     def dpo(self, value: str, batch: dict, split: str = "train") -> DPOOutput:
         """DPO loss of ``value``'s vector alone (policy pi_0 + theta_v) on its batch.
 
-        With MODPO margins: logits (beta / w_k) * h - m (Zhou et al. 2023).
+        With MODPO margins: logits (beta / w_k) * h - m (Zhou et al. 2023). Panacea: the policy
+        at the preference input its caller set.
         """
-        policy = self.policy_logps({self.adapters[value]: 1.0}, batch)
+        weights = {} if self.panacea_settings is not None else {self.adapters[value]: 1.0}
+        policy = self.policy_logps(weights, batch)
         reference = self.cached_reference_logps(value, split, batch)
         pc, pr = split_chosen_rejected(policy)
         rc, rr = split_chosen_rejected(reference)
@@ -385,6 +406,8 @@ class MVAModule(L.LightningModule):
         dpo_total = torch.zeros((), device=self.device)
         dpo_losses: dict[str, torch.Tensor] = {}
         self._log_now = self._logging_step()
+        preference = self._sample_preference(batch_idx)  # Panacea: this batch's w; else None
+        panacea_losses = []
         for value in self.stage_values:
             with self.capturing_inputs(needs_inputs and value in penalised) as inputs:
                 out = self.dpo(value, batch[value], "train")
@@ -392,10 +415,15 @@ class MVAModule(L.LightningModule):
             if inputs:
                 mask = batch[value]["attention_mask"].bool()  # (2B, T) real tokens
                 captured[value] = {m: h[mask] for m, h in inputs.items()}  # (N, d_in)
-            dpo_total = dpo_total + self.loss_weights[value] * out.loss  # DPO-LW: sum w_v L_v
+            if preference is None:
+                dpo_total = dpo_total + self.loss_weights[value] * out.loss  # DPO-LW: sum w_v L_v
+            else:
+                panacea_losses.append(out.loss)
             n = batch[value]["index"].numel()
             for key, val in out.metrics().items() if self._log_now else ():
                 self.log(f"train/{value}/{key}", val, batch_size=n, prog_bar=key == "loss")
+        if preference is not None:  # Panacea: the aggregated loss at the sampled w
+            dpo_total = self._aggregate(torch.stack(panacea_losses), preference)
         is_update = (batch_idx + 1) % self.accumulate_grad_batches == 0
         mi, skipped = self._mi_penalty(pairs, captured, is_update) if pairs else (None, [])
         loss = dpo_total + (self.alpha * mi if mi is not None else 0.0)
@@ -507,6 +535,8 @@ class MVAModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         values = [v for v in self.stage_values if self.trainer_datamodule.splits[v].val]
         value = values[dataloader_idx]
+        if self.panacea_settings is not None:  # Panacea: value v's loss at its own preference e_v
+            panacea.set_preference(self.policy, [float(v == value) for v in self.values])
         out = self.dpo(value, batch, "val")
         for key, val in out.metrics().items():
             self.log(
@@ -606,6 +636,40 @@ class MVAModule(L.LightningModule):
             return optimizers
         return optimizers, [self.scheduler_factory(optimizers[0])]
 
+    # ---------------------------------------------------------------- Panacea
+    def _sample_preference(self, batch_idx: int) -> torch.Tensor | None:
+        """Panacea: the batch's w ~ Dirichlet(1, ..., 1), keyed by (seed, batch count), fed to
+        the policy; None for every other method."""
+        if self.panacea_settings is None:
+            return None
+        accumulate = self.accumulate_grad_batches
+        count = self.global_step * accumulate + batch_idx % accumulate
+        w = panacea.sample_preference(self.preference_seed, count, len(self.values))  # (K,)
+        panacea.set_preference(self.policy, w)
+        return w
+
+    def _aggregate(self, losses: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Panacea's loss of the (K,) per-value DPO losses at w (linear or Tchebycheff)."""
+        ideal = self.panacea_settings.get("ideal")
+        z = None if ideal is None else torch.tensor(ideal, device=losses.device)
+        return panacea.aggregate(losses, w, self.panacea_settings.get("aggregation", "linear"), z)
+
+    def on_train_end(self) -> None:
+        self._save_panacea()
+
+    def on_fit_end(self) -> None:
+        self._save_panacea()  # a resumed fit that trained nothing gets no on_train_end
+
+    def _save_panacea(self) -> None:
+        """Panacea: ``<run>/adapters/panacea/`` once training finished (rank zero), as
+        :class:`~mva_lightning.training.export.SaveValueVectors` writes the LoRA adapters."""
+        if self.panacea_settings is None or self._panacea_saved or not self.finished:
+            return
+        self._panacea_saved = True
+        if self.trainer.is_global_zero:
+            folder = Path(self.trainer.default_root_dir) / "adapters" / PANACEA_ADAPTER
+            panacea.save(self.policy, folder)
+
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only what was trained (adapters and MI heads, never the frozen base), plus what
@@ -680,6 +744,21 @@ class MVAModule(L.LightningModule):
                 if isinstance(value, torch.Generator):
                     found[f"{name}.{attr}" if name else attr] = value
         return found
+
+
+def _check_panacea(policy, values, schedule, penalised: bool, margin_weights) -> None:
+    """Panacea trains one model on every value at once, without MI penalty or margins."""
+    if not panacea.is_panacea(policy):
+        raise ValueError("method.preference_input (Panacea) needs a policy from add_panacea")
+    if panacea.preference_names(policy) != list(values):
+        raise ValueError(
+            f"Panacea policy preference {panacea.preference_names(policy)} != values {values}"
+        )
+    if schedule != "joint" or penalised or margin_weights:
+        raise ValueError(
+            "Panacea trains every value in one stage: train.schedule=joint, mi=none, no "
+            f"method.margin_from (got schedule={schedule!r}, MI penalty={penalised})"
+        )
 
 
 def _is_trained(key: str) -> bool:
