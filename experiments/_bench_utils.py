@@ -7,6 +7,7 @@ line that starts with :data:`RESULT_TAG`, which the parent reads back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -14,6 +15,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,24 +54,76 @@ def run_child(script: str | Path, spec: dict[str, Any], timeout: float = 3600) -
     """Run ``script --child <spec>`` in a fresh interpreter and return its result dict.
 
     Raises:
-        RuntimeError: The child failed or printed no result; the message holds its output tail.
+        RuntimeError: The child failed, printed no result or ran past ``timeout``; the message
+            holds its output tail.
+    """
+    return run_children(script, [spec], timeout)[0]
+
+
+def run_children(
+    script: str | Path, specs: Sequence[dict[str, Any]], timeout: float = 3600
+) -> list[dict[str, Any]]:
+    """Run ``script --child <spec>`` for every spec at once (e.g. the ranks of one process group).
+
+    Each result gets ``process_wall_s``, from the common start to that child's exit. When a child
+    fails, the others are stopped: no rank is left waiting for a peer that is gone.
+
+    Returns:
+        Every child's result dict, in ``specs`` order.
+
+    Raises:
+        RuntimeError: A child failed, printed no result or ran past ``timeout``; the message holds
+            its output tail.
     """
     env = {**os.environ, **CHILD_ENV}
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(script), "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stdout + proc.stderr)[-4000:]
-        raise RuntimeError(f"child {spec.get('name')} failed (rc {proc.returncode}):\n{tail}")
-    result = json.loads(lines[-1][len(RESULT_TAG) :])
-    result["process_wall_s"] = round(time.perf_counter() - start, 2)
-    return result
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2 * len(specs))]
+        logs = list(zip(files[::2], files[1::2], strict=True))  # (stdout, stderr) per child
+        start = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), "--child", json.dumps(spec)],
+                stdout=out,
+                stderr=err,
+                text=True,
+                env=env,
+            )
+            for spec, (out, err) in zip(specs, logs, strict=True)
+        ]
+        walls: list[float | None] = [None] * len(procs)  # None: still running, or stopped here
+        try:
+            while None in walls:
+                for i, proc in enumerate(procs):
+                    if walls[i] is None and proc.poll() is not None:
+                        walls[i] = time.perf_counter() - start
+                if any(p.returncode for p in procs) or time.perf_counter() - start > timeout:
+                    break
+                time.sleep(0.05)
+        finally:  # stop what still runs: the peers of a failed child, a timeout, an interrupt
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        texts = []
+        for out, err in logs:
+            out.seek(0)
+            err.seek(0)
+            texts.append((out.read(), err.read()))
+    results = [
+        [json.loads(ln[len(RESULT_TAG) :]) for ln in out.splitlines() if ln.startswith(RESULT_TAG)]
+        for out, _ in texts
+    ]
+    failed = [
+        i for i, p in enumerate(procs) if walls[i] is None or p.returncode != 0 or not results[i]
+    ]
+    if failed:  # the child that failed on its own, not one stopped because of it
+        i = next((i for i in failed if walls[i] is not None), failed[0])
+        why = f"rc {procs[i].returncode}" if walls[i] is not None else f"stopped after {timeout} s"
+        tail = "".join(texts[i])[-4000:]
+        name = specs[i].get("name") or specs[i].get("sweep")
+        rank = f" rank {specs[i]['rank']}" if "rank" in specs[i] else ""
+        raise RuntimeError(f"child {name}{rank} failed ({why}):\n{tail}")
+    return [{**r[-1], "process_wall_s": round(w, 2)} for r, w in zip(results, walls, strict=True)]
 
 
 class StepClock:

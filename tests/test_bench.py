@@ -146,8 +146,16 @@ def test_bench_scaling_runs_at_minimal_size(tmp_path):
         ("pairs", 8),
         ("candidates", 4),
         ("candidates", 9),
+        ("sweep_processes", 1),
+        ("sweep_processes", 2),
     }
     assert all(r["peak_rss_mib"] > 0 and r["time_s"] > 0 for r in report["rows"])
+    # The sweep on 1 and 2 processes (gloo ranks): every candidate scored once, same scores.
+    sharded = [r for r in report["rows"] if r["sweep"] == "sweep_processes"]
+    assert sorted(r["processes"] for r in sharded) == [1, 2]
+    assert all(r["same_front"] and r["scored"] == r["candidates"] + 1 == 5 for r in sharded)
+    assert report["sweep_processes"]["2"]["same_front"]
+    assert report["sweep_processes"]["2"]["candidates_per_s"] > 0
 
 
 @pytest.mark.slow
