@@ -156,3 +156,19 @@ def test_shipped_reward_models_order_held_out_human_pairs(value):
     rejected = scorer(prompts, [p.rejected for p in held_out])
     accuracy = sum((c > r) + 0.5 * (c == r) for c, r in zip(chosen, rejected, strict=True)) / 100
     assert accuracy >= 0.58, accuracy
+
+
+def test_two_heads_on_the_same_states_share_one_forward_pass():
+    calls = []
+
+    def counting(model, layer):
+        lm, tok = _tiny(model, layer)
+        calls.append(1)
+        return lm, tok
+
+    a = HiddenStates(model="tiny-shared", layer=2, loader=counting)
+    b = HiddenStates(model="tiny-shared", layer=2, loader=counting)
+    prompts, responses = ["\n\nHuman: hi\n\nAssistant:"] * 2, ["hello", "bye"]
+    first = a(prompts, responses)
+    before = len(calls)
+    assert torch.equal(b(prompts, responses), first) and len(calls) == before  # no new forward

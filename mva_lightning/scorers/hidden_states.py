@@ -24,6 +24,8 @@ import torch
 
 from mva_lightning.data.collate import transcript_to_messages
 
+_CACHES: dict[tuple, OrderedDict] = {}  # features by row, per (model, layer, length, loader)
+
 
 @functools.cache
 def _truncated_lm(model: str, layer: int):
@@ -69,7 +71,10 @@ class HiddenStates:
         self.model, self.layer, self.max_length = model, int(layer), int(max_length)
         self.batch_size, self.progress = int(batch_size), progress
         self._loader = loader or _truncated_lm
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # One cache per (model, layer, length, loader) in the process: every head reading the
+        # same features (e.g. rm_helpful and rm_harmless scoring one sweep's answers) shares it.
+        key = (model, self.layer, self.max_length, self._loader)
+        self._cache: OrderedDict[str, torch.Tensor] = _CACHES.setdefault(key, OrderedDict())
         self._cache_size = int(cache_size)
 
     @property
