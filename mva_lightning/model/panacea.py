@@ -467,30 +467,24 @@ def write_samples(
 ) -> list[dict]:
     """:func:`mva_lightning.sweep.samples.write_samples` for Panacea (same arguments): each
     point generates with its preference input (w = 0: the base)."""
-    from mva_lightning.io import write_text
     from mva_lightning.model.generation import generate
-    from mva_lightning.sweep.samples import held_out_prompts
+    from mva_lightning.sweep import samples
 
-    prompts = held_out_prompts(
-        datamodule, values, settings.split, settings.num_prompts, settings.prompts_file
+    def respond(prompts: list[str], points: Sequence[tuple[float, ...]]) -> list[str]:
+        responses: list[str] = []
+        for w in points:
+            with using_preference(policy, candidate_preference(w)):
+                responses += generate(
+                    policy,
+                    datamodule.tokenizer,
+                    prompts,
+                    max_new_tokens=settings.max_new_tokens,
+                    batch_size=len(prompts),
+                    chat_template=datamodule.chat_template,
+                    max_prompt_length=datamodule.max_prompt_length,
+                )
+        return responses
+
+    return samples.write_samples(
+        policy, datamodule, values, names, points, settings, path, respond=respond
     )
-    if not prompts or not points:
-        return []
-    records = []
-    for w in points:
-        with using_preference(policy, candidate_preference(w)):
-            responses = generate(
-                policy,
-                datamodule.tokenizer,
-                prompts,
-                max_new_tokens=settings.max_new_tokens,
-                batch_size=len(prompts),
-                chat_template=datamodule.chat_template,
-                max_prompt_length=datamodule.max_prompt_length,
-            )
-        records += [
-            {"w": list(w), "base": not any(w), "prompt": p, "response": r}
-            for p, r in zip(prompts, responses, strict=True)
-        ]
-    write_text(Path(path), "".join(json.dumps(r) + "\n" for r in records))
-    return records

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +78,7 @@ def write_samples(
     points: Sequence[tuple[float, ...]],
     settings: SampleSettings,
     path: str | os.PathLike,
+    respond: Callable[[list[str], Sequence[tuple[float, ...]]], list[str]] | None = None,
 ) -> list[dict]:
     """Greedy answers of every point to the held-out prompts, written to ``path`` (JSONL).
 
@@ -89,6 +90,8 @@ def write_samples(
         points: The preference vectors to sample, the base (all zeros) first.
         settings: Prompts and length.
         path: The JSONL file.
+        respond: ``(prompts, points) -> responses``, block k the answers at ``points[k]``;
+            None: generate with the adapters ``names`` weighted by each point, in one batch.
 
     Returns:
         The records: ``w``, ``prompt``, ``response`` (and ``base``: whether w = 0).
@@ -101,17 +104,20 @@ def write_samples(
     )
     if not prompts or not points:
         return []
-    weights = [lora.preference_dict(names, w) for w in points]
-    responses = generate(
-        policy,
-        datamodule.tokenizer,
-        prompts * len(points),  # block k answers with w_k
-        max_new_tokens=settings.max_new_tokens,
-        batch_size=len(prompts) * min(len(points), 8),
-        chat_template=datamodule.chat_template,
-        max_prompt_length=datamodule.max_prompt_length,
-        prompt_weights=lora.stack_weights(weights, len(prompts)),
-    )
+    if respond is not None:
+        responses = respond(prompts, points)
+    else:
+        weights = [lora.preference_dict(names, w) for w in points]
+        responses = generate(
+            policy,
+            datamodule.tokenizer,
+            prompts * len(points),  # block k answers with w_k
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=len(prompts) * min(len(points), 8),
+            chat_template=datamodule.chat_template,
+            max_prompt_length=datamodule.max_prompt_length,
+            prompt_weights=lora.stack_weights(weights, len(prompts)),
+        )
     records = [
         {
             "w": list(w),
