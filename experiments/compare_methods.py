@@ -16,7 +16,7 @@ Settings:
   own samples, generation scored by the values' scorers), sized for the CPU: two of its
   values, helpful and positive (``--values`` picks others), at most 32 training pairs per
   value, one epoch, fronts scored on the 32 benign test prompts of the package's prompt file
-  (held out of training by its split column; 24-token greedy answers).
+  (held out of training by its split column; 16-token greedy answers).
 - ``hh``: the paper's HH experiment on real human preferences, CPU-sized
   (``+experiment=hh_study``): SmolLM2-135M-Instruct on the helpful-base and harmless-base pairs
   in ``--data-dir`` (``helpful-base-test.jsonl.gz``, ``harmless-base-test.jsonl.gz``), split by
