@@ -160,3 +160,19 @@ def test_training_batches_are_length_buckets_by_default(base):
         padding[bucket] = padded - sum(int(b["attention_mask"].sum()) for b in batches)
     assert PreferenceDataModule(splits, base.tokenizer).bucket_by_length
     assert padding[True] < padding[False] / 2
+
+
+def test_reference_pass_runs_at_the_trainers_precision(base):
+    """Under bf16-mixed the cached reference is computed as the policy's log-probs are, so the
+    step-0 loss is ln 2 there too (an fp32 reference would differ by bf16 rounding)."""
+    module, dm = _setup(base)
+    trainer = _trainer(limit_train_batches=0, precision="bf16-mixed")
+    trainer.fit(module, datamodule=dm)  # attaches the trainer
+    module.precompute_reference_logps("helpful", "train")  # what a stage's start runs
+    batch = next(iter(dm.loader("helpful", "train")))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning wraps training_step in
+        out = module.dpo("helpful", batch)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    fp32 = module.reference_logps(batch)  # outside autocast
+    cached = module.cached_reference_logps("helpful", "train", batch)
+    assert not torch.allclose(fp32, cached.float(), atol=1e-4)  # bf16 rounding is visible

@@ -10,6 +10,7 @@ from mva_lightning.data.collate import collate_pairs
 from mva_lightning.model import lora
 from mva_lightning.model.generation import generate
 from mva_lightning.model.logps import response_logps
+from mva_lightning.model.precision import autocast
 from mva_lightning.scorers.base import ScorerError
 from mva_lightning.sweep.objectives import GenerationScore, ImplicitReward
 
@@ -250,3 +251,21 @@ def test_generation_score_refuses_held_out_prompts_that_were_trained_on(setup, t
     )
     with pytest.raises(ValueError, match=r"1 'val' prompts of .* are training prompts too"):
         objective.validate(dm, VALUES)
+
+
+class AutocastProbe(LengthScorer):
+    """Records whether CPU autocast was on when the scorer ran."""
+
+    def __call__(self, prompts, responses):
+        self.autocast = torch.is_autocast_enabled("cpu")
+        return super().__call__(prompts, responses)
+
+
+def test_scorers_judge_in_their_own_precision_under_a_mixed_precision_policy(setup):
+    policy, dm = setup
+    scorers = {"helpful": AutocastProbe(), "harmless": AutocastProbe()}
+    objective = GenerationScore(scorers, num_prompts=2, max_new_tokens=3)
+    with autocast("bf16-mixed", "cpu"):
+        objective.score_many(policy, dm, VALUES, CANDIDATES[:2])
+        assert torch.is_autocast_enabled("cpu")  # the policy's generation ran under it
+    assert scorers["helpful"].autocast is False and scorers["harmless"].autocast is False

@@ -25,6 +25,7 @@ from peft import PeftModel
 
 from mva_lightning.model import lora
 from mva_lightning.model.backbones import tiny_llama
+from mva_lightning.model.precision import autocast
 from mva_lightning.sweep.cli import rerun, sweep_settings
 from mva_lightning.sweep.manifest import ExtrapolationResult, read_manifest, w_label
 from mva_lightning.sweep.objectives import ImplicitReward, Objective
@@ -570,3 +571,13 @@ def test_indicators_get_intervals_on_both_splits_and_never_move_the_front(policy
     assert list(table) == [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]
     assert table[0.0, 1.0]["difference"] == 1.0 and table[0.0, 1.0]["significant"]
     assert table[1.0, 0.0]["difference_ci"] == [0.0, 0.0] and not table[1.0, 0.0]["significant"]
+
+
+def test_scores_under_mixed_precision_get_their_own_cache(policy, tmp_path):
+    fp32 = _sweep(policy, tmp_path / "ext")
+    with autocast("bf16-mixed", "cpu"):
+        mixed = _sweep(policy, tmp_path / "ext")
+    assert mixed.skipped == 0 and mixed.scored == fp32.scored  # nothing read from fp32's cache
+    assert len(list((tmp_path / "ext" / "scores").iterdir())) == 2
+    again = _sweep(policy, tmp_path / "ext")  # fp32 again: its own cache, every score read
+    assert again.scored == 0 and again.skipped == fp32.scored

@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 
+from mva_lightning.model.precision import autocast
 from mva_lightning.sweep.manifest import ExtrapolationResult
 from mva_lightning.sweep.objectives import Objective
 from mva_lightning.sweep.samples import SAMPLES
@@ -133,14 +134,15 @@ class ExtrapolationCallback(L.Callback):
         shard = _shard(trainer)
         if shard is None or not getattr(pl_module, "finished", True):
             return
-        result = self.run(
-            pl_module.policy,
-            trainer.datamodule,
-            pl_module.values,
-            trainer.default_root_dir,
-            _adapters(pl_module),
-            shard,
-        )
+        with autocast(trainer.precision, pl_module.device.type):  # the training's precision
+            result = self.run(
+                pl_module.policy,
+                trainer.datamodule,
+                pl_module.values,
+                trainer.default_root_dir,
+                _adapters(pl_module),
+                shard,
+            )
         if result is not None:  # rank zero
             self._log(trainer, result)
 

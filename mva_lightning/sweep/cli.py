@@ -27,6 +27,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mva_lightning.errors import user_errors
+from mva_lightning.model.precision import autocast
 from mva_lightning.sweep.manifest import MANIFEST, ExtrapolationResult
 
 if TYPE_CHECKING:
@@ -133,7 +134,9 @@ def run_sweep(
     policy, backbone = build_policy(cfg, run_dir)
     policy.to(device)
     datamodule = build_datamodule(cfg, splits, backbone.tokenizer)
-    callback.run(policy, datamodule, values, run_dir, adapters)
+    precision = OmegaConf.select(cfg, "trainer.precision", default=None)  # the run's own
+    with autocast(precision, device.split(":")[0]):
+        callback.run(policy, datamodule, values, run_dir, adapters)
     return callback
 
 

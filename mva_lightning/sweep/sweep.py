@@ -36,6 +36,7 @@ from torch import nn
 
 from mva_lightning.io import fingerprint
 from mva_lightning.model import lora, panacea
+from mva_lightning.model.precision import autocast_setting
 from mva_lightning.sweep import bootstrap as bootstrap_mod
 from mva_lightning.sweep import pareto
 from mva_lightning.sweep.bootstrap import Bootstrap
@@ -471,6 +472,8 @@ def _score_all(
             "data": objective.data_fingerprint(datamodule, values),
             "values": values,
             "adapters": adapters,
+            # mixed-precision scores differ by rounding; fp32 runs keep their earlier keys
+            **({"autocast": amp} if (amp := autocast_setting(_device_type(policy))) else {}),
         }
     )
     folder = out_dir / "scores" / cache_key
@@ -562,3 +565,7 @@ def _score_part(policy, datamodule, values, objective, todo, folder, shard, prog
                     scored += 1
                 bar.update(len(group))
     return {w: out[w] for w in todo}, scored, skipped
+
+
+def _device_type(model: nn.Module) -> str:
+    return next(model.parameters()).device.type

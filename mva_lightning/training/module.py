@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from mva_lightning.mi import MIEstimator
 from mva_lightning.model import lora, panacea
 from mva_lightning.model.logps import response_logps, share_prompt_pays
+from mva_lightning.model.precision import autocast
 from mva_lightning.training.losses import (
     DPOOutput,
     dpo_loss,
@@ -337,7 +338,10 @@ class MVAModule(L.LightningModule):
             dm.loader(value, split), desc=desc, leave=False, disable=not self._show_progress()
         )
         to_device = (self.transfer_batch_to_device(b, self.device, 0) for b in batches)
-        cache.fill((value, split), n, to_device, compute, width)
+        # the training step's precision (Lightning does not wrap this hook's forwards)
+        precision = self.trainer.precision if self._trainer is not None else None
+        with autocast(precision, self.device.type):
+            cache.fill((value, split), n, to_device, compute, width)
         self.policy.train(was_training)
 
     def _show_progress(self) -> bool:
