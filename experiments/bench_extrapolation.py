@@ -20,11 +20,12 @@ implicit-reward batches are the same as ours; no reward model is reloaded. Objec
 continuations scored by a length scorer: ours batched, the paper's one prompt at a time). The
 paper paths time the first ``--paper-candidates`` candidates (their cost per candidate is flat).
 Torch runs ``--threads`` threads (default 1: on a shared 2-core machine two threads per
-process thrash and make every timing noise).
+process thrash and make every timing noise). ``--precision bf16-mixed`` scores both paths under
+bf16 autocast, as a run with ``trainer.precision=bf16-mixed`` does (default: fp32).
 
     python experiments/bench_extrapolation.py [--model tiny|smollm2] [--pairs 8]
         [--candidates 100] [--paper-candidates 10] [--objectives implicit generation]
-        [--repeats 2] [--threads 1] [--device cpu] [--quick]
+        [--repeats 2] [--threads 1] [--device cpu] [--precision 32-true] [--quick]
 
 Prints a table and writes ``experiments/results/bench_extrapolation.json``.
 """
@@ -48,6 +49,7 @@ from mva_lightning.data.sources import PreferencePair, Splits
 from mva_lightning.io import write_json
 from mva_lightning.model import lora
 from mva_lightning.model.logps import response_logps
+from mva_lightning.model.precision import autocast
 from mva_lightning.sweep.candidates import grid_candidates
 from mva_lightning.sweep.objectives import GenerationScore, ImplicitReward
 from mva_lightning.sweep.sweep import extrapolate
@@ -189,6 +191,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (both paths run there)")
+    parser.add_argument(
+        "--precision",
+        default="32-true",
+        help="trainer.precision both paths score under (bf16-mixed: autocast, as a run sets)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="smoke size (tests)")
     args = parser.parse_args(argv)
@@ -222,6 +229,7 @@ def main(argv=None) -> dict:
                 "paper_reloads_only": [],
             }
             for r in range(args.repeats):
+                amp = autocast(args.precision, torch.device(args.device).type)
                 if name == "implicit":
                     objective = ImplicitReward(beta=0.1)
                 else:
@@ -231,11 +239,13 @@ def main(argv=None) -> dict:
                     )
                 start = time.perf_counter()
                 out = tmp / f"ours-{name}-{r}"  # a fresh folder: no cached scores
-                extrapolate(policy, dm, VALUES, candidates, objective, out, progress=False)
+                with amp:
+                    extrapolate(policy, dm, VALUES, candidates, objective, out, progress=False)
                 times["ours"].append(time.perf_counter() - start)
-                times["paper"].append(paper_sweep(name, subset, *paper, per_value=True))
-                times["paper_1load"].append(paper_sweep(name, subset, *paper, per_value=False))
-                reloads = paper_sweep(name, subset, *paper, per_value=True, score=False)
+                with amp:
+                    times["paper"].append(paper_sweep(name, subset, *paper, per_value=True))
+                    times["paper_1load"].append(paper_sweep(name, subset, *paper, per_value=False))
+                    reloads = paper_sweep(name, subset, *paper, per_value=True, score=False)
                 times["paper_reloads_only"].append(reloads)
             ours = len(candidates) / min(times["ours"])
             faithful = len(subset) / min(times["paper"])
@@ -271,12 +281,13 @@ def main(argv=None) -> dict:
         "new_tokens": args.new_tokens,
         "torch_threads": torch.get_num_threads(),
         "device": args.device,
+        "precision": args.precision,
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
         "rows": rows,
     }
     print(
         f"\nmodel={args.model} pairs/value={args.pairs} prompts={args.prompts} "
-        f"threads={args.threads} ({report['machine']})"
+        f"threads={args.threads} precision={args.precision} ({report['machine']})"
     )
     head = ("objective", "ours cand/s", "paper cand/s", "ratio", "paper 1-load", "ratio")
     head += ("no reloads, paper scoring",)
