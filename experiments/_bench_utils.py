@@ -270,8 +270,30 @@ def machine() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
+        **processor(),
         "load_average_1min": load_average(),
     }
+
+
+def processor() -> dict[str, Any]:
+    """The CPU's model name and its native bf16 instructions (bf16 speed depends on them)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return {"processor": platform.processor() or None, "native_bf16": None}
+    name = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in info.splitlines()
+            if line.startswith("model name")
+        ),
+        None,
+    )
+    flags = next(
+        (line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")),
+        [],
+    )
+    return {"processor": name, "native_bf16": sorted({"amx_bf16", "avx512_bf16"} & set(flags))}
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -3,9 +3,10 @@
 Lightning runs ``training_step`` and ``validation_step`` under its precision plugin, but the
 reference pass before a stage, MODPO's margins and the Pareto sweep run in hooks and commands of
 their own. They enter :func:`autocast` with the run's precision, so that under ``bf16-mixed`` the
-reference log-probs are computed as the policy's are (the first DPO loss stays ln 2) and the
-sweep's forwards and generation get the same speed-up as training (on GPUs, and on CPUs with
-native bf16 such as AMX). Reward models and other scorers are judges, not the policy: they run
+reference log-probs are computed as the policy's are (on a batch of the same shape they equal the
+step-0 policy's; bf16 rounding depends on the padded shape) and the reference pass, the sweep's
+forwards and its generation get the same speed-up as training (on GPUs, and on CPUs with native
+bf16 such as AMX). Reward models and other scorers are judges, not the policy: they run
 outside it (:func:`full_precision`), so a score does not depend on the policy's precision.
 """
 
