@@ -5,7 +5,8 @@ pairs / prompts, same objective, one process, alternated over ``--repeats`` roun
 kept: the machine is shared):
 
 - ours: :func:`mva_lightning.sweep.sweep.extrapolate`, all in (scoring, score cache, Pareto
-  front, front checkpoints, manifest and plot), with the objectives' defaults: the adapters
+  front, intervals, front checkpoints, manifest and plot; no sample answers, which the paper
+  path does not write either), with the objectives' defaults: the adapters
   stay loaded and ``candidates_per_forward`` (8) preference vectors share one batched forward
   or one ``generate`` call, each row with its own weights (``lora.using_row_weights``).
 - paper: what the released ``mva.py`` (``evaluate_all_combinations``) does: for every candidate
@@ -56,6 +57,9 @@ from mva_lightning.sweep.sweep import extrapolate
 
 VALUES = ["helpful", "harmless"]
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_extrapolation.json"
+# The sweep's sample answers (greedy answers of the base and every front point, for the reader)
+# are not scoring, and the paper path writes none: off in ours too.
+NO_SAMPLES = {"num_prompts": 0}
 
 
 class LengthScorer:
@@ -239,8 +243,17 @@ def main(argv=None) -> dict:
                     )
                 start = time.perf_counter()
                 out = tmp / f"ours-{name}-{r}"  # a fresh folder: no cached scores
-                with amp:
-                    extrapolate(policy, dm, VALUES, candidates, objective, out, progress=False)
+                with amp:  # no sample answers: the paper path writes none either
+                    extrapolate(
+                        policy,
+                        dm,
+                        VALUES,
+                        candidates,
+                        objective,
+                        out,
+                        progress=False,
+                        samples=NO_SAMPLES,
+                    )
                 times["ours"].append(time.perf_counter() - start)
                 with amp:
                     times["paper"].append(paper_sweep(name, subset, *paper, per_value=True))
