@@ -415,6 +415,7 @@ def test_callback_runs_once_training_is_finished_on_rank_zero(policy, tmp_path):
             default_root_dir=str(tmp_path),
             loggers=[],
             global_step=0,
+            precision="32-true",
         )
         module = SimpleNamespace(policy=policy, values=VALUES, finished=finished)
         callback.on_fit_end(trainer, module)

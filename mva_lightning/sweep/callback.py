@@ -134,7 +134,8 @@ class ExtrapolationCallback(L.Callback):
         shard = _shard(trainer)
         if shard is None or not getattr(pl_module, "finished", True):
             return
-        with autocast(trainer.precision, pl_module.device.type):  # the training's precision
+        device = next(pl_module.policy.parameters()).device.type
+        with autocast(trainer.precision, device):  # the training's precision
             result = self.run(
                 pl_module.policy,
                 trainer.datamodule,

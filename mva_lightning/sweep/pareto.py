@@ -82,6 +82,12 @@ def hypervolume(scores: np.ndarray, reference: Sequence[float]) -> float:
     return float(moocore.hypervolume(arr, ref=ref, maximise=True))
 
 
+# Other methods' fronts: tab20 without the blues (this run's front), the dark red (the base's
+# square) and the greys (candidates): 15 distinct colours, so a comparison of every method
+# never repeats one.
+EXTRA_COLOURS = (2, 4, 8, 10, 12, 16, 18, 3, 5, 9, 11, 13, 17, 19, 7)  # tab20 indices
+
+
 def plot_front(
     scores: np.ndarray,
     names: Sequence[str],
@@ -120,6 +126,7 @@ def plot_front(
     Raises:
         ValueError: If shapes disagree.
     """
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -153,10 +160,12 @@ def plot_front(
     pairs = list(itertools.combinations(range(k), 2))
     ncols = min(3, len(pairs))
     nrows = math.ceil(len(pairs) / ncols)
-    fig = Figure(figsize=(5.5 * ncols, 4.5 * nrows), layout="constrained")
+    legend_out = len(extras) > 3  # many methods: the legend beside the axes, not over them
+    fig = Figure(figsize=(5.5 * ncols + 2.5 * legend_out, 4.5 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    colours = [f"C{i}" for i in range(1, 10)]
+    tab20 = matplotlib.colormaps["tab20"]
+    colours = [matplotlib.colors.to_hex(tab20(i)) for i in EXTRA_COLOURS]
     for ax, (i, j) in zip(axes, pairs, strict=False):
         ax.scatter(arr[~mask, i], arr[~mask, j], s=14, c="0.7", label="candidates")
         ax.scatter(arr[mask, i], arr[mask, j], s=30, c="C0", zorder=3, label="Pareto front")
@@ -202,7 +211,10 @@ def plot_front(
         ax.grid(alpha=0.3)
     for ax in axes[len(pairs) :]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=8, loc="best")
+    if legend_out:
+        axes[ncols - 1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+    else:
+        axes[0].legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)
 
