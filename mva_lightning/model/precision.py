@@ -34,6 +34,11 @@ def autocast(
     return torch.autocast(device_type, dtype=dtype)
 
 
+def device_type(model: torch.nn.Module) -> str:
+    """``cpu`` or ``cuda``: where ``model``'s parameters live (the autocast device type)."""
+    return next(model.parameters()).device.type
+
+
 def full_precision(device_type: str = "cpu") -> contextlib.AbstractContextManager:
     """Leave any autocast for the block (a scorer judging in its own precision)."""
     return torch.autocast(device_type, enabled=False)

@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 
-from mva_lightning.model.precision import autocast
+from mva_lightning.model.precision import autocast, device_type
 from mva_lightning.sweep.manifest import ExtrapolationResult
 from mva_lightning.sweep.objectives import Objective
 from mva_lightning.sweep.samples import SAMPLES
@@ -134,8 +134,7 @@ class ExtrapolationCallback(L.Callback):
         shard = _shard(trainer)
         if shard is None or not getattr(pl_module, "finished", True):
             return
-        device = next(pl_module.policy.parameters()).device.type
-        with autocast(trainer.precision, device):  # the training's precision
+        with autocast(trainer.precision, device_type(pl_module.policy)):  # run precision
             result = self.run(
                 pl_module.policy,
                 trainer.datamodule,

@@ -38,7 +38,7 @@ from torch import nn
 
 from mva_lightning.data.collate import collate_pairs
 from mva_lightning.io import fingerprint
-from mva_lightning.model.precision import full_precision
+from mva_lightning.model.precision import device_type, full_precision
 from mva_lightning.scorers.base import Scorer, ScorerError, check_scores
 from mva_lightning.training.reference import PairCache, as_logps, reference_rows
 
@@ -541,7 +541,7 @@ class GenerationScore(Objective):
         for v in values:
             scorer, name = self.scorers[v], _scorer_name(self.scorers[v])
             try:  # one call for every candidate's responses
-                with full_precision(_device(policy).type):  # a judge keeps its own precision
+                with full_precision(device_type(policy)):  # a judge keeps its own precision
                     raw = scorer(list(prompts) * c, list(responses))
                 scores = check_scores(raw, n * c, name)
             except ScorerError:

@@ -36,7 +36,7 @@ from torch import nn
 
 from mva_lightning.io import fingerprint
 from mva_lightning.model import lora, panacea
-from mva_lightning.model.precision import autocast_setting
+from mva_lightning.model.precision import autocast_setting, device_type
 from mva_lightning.sweep import bootstrap as bootstrap_mod
 from mva_lightning.sweep import pareto
 from mva_lightning.sweep.bootstrap import Bootstrap
@@ -473,7 +473,7 @@ def _score_all(
             "values": values,
             "adapters": adapters,
             # mixed-precision scores differ by rounding; fp32 runs keep their earlier keys
-            **({"autocast": amp} if (amp := autocast_setting(_device_type(policy))) else {}),
+            **({"autocast": amp} if (amp := autocast_setting(device_type(policy))) else {}),
         }
     )
     folder = out_dir / "scores" / cache_key
@@ -565,7 +565,3 @@ def _score_part(policy, datamodule, values, objective, todo, folder, shard, prog
                     scored += 1
                 bar.update(len(group))
     return {w: out[w] for w in todo}, scored, skipped
-
-
-def _device_type(model: nn.Module) -> str:
-    return next(model.parameters()).device.type
