@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mva_lightning.sweep.candidates import grid_candidates
-from mva_lightning.sweep.pareto import hypervolume, pareto_mask, plot_front
+from mva_lightning.sweep.pareto import hypervolume, labelled_points, pareto_mask, plot_front
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -117,3 +117,18 @@ def test_plot_front_shape_errors(tmp_path):
         plot_front(scores, ["a", "b"], np.array([True, True]), None, tmp_path / "x.png",
                    reference=[0, 0, 0])  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_labelled_points_spread_along_the_front_and_keep_both_ends():
+    x = np.linspace(0.0, 1.0, 30)
+    scores = np.concatenate([np.stack([x, 1 - x], 1), [[0.1, 0.1]]])  # 30 on the front, 1 not
+    mask = pareto_mask(scores)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(scores))  # the front's order is not the rows' order
+    scores, mask = scores[order], mask[order]
+    got = labelled_points(scores, mask, 5)
+    assert len(got) == 5 and all(mask[got])
+    spots = np.round(np.linspace(0, 29, 5))  # positions along the front: 0, 7, 14, 22, 29
+    assert sorted(scores[got, 0].tolist()) == pytest.approx((spots / 29).tolist(), abs=1e-9)
+    assert sorted(labelled_points(scores, mask, 40)) == np.flatnonzero(mask).tolist()  # all fit
+    assert labelled_points(scores, mask, 0) == []

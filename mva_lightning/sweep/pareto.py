@@ -85,6 +85,8 @@ def hypervolume(scores: np.ndarray, reference: Sequence[float]) -> float:
 # Other methods' fronts: tab20 without the blues (this run's front), the dark red (the base's
 # square) and the greys (candidates): 15 distinct colours, so a comparison of every method
 # never repeats one.
+# Front points labelled with their w at most: the rest stay unlabelled dots on the front.
+MAX_LABELS = 12
 EXTRA_COLOURS = (2, 4, 8, 10, 12, 16, 18, 3, 5, 9, 11, 13, 17, 19, 7)  # tab20 indices
 
 
@@ -99,6 +101,7 @@ def plot_front(
     extra_fronts: dict[str, np.ndarray] | None = None,
     intervals: np.ndarray | None = None,
     base: Sequence[float] | None = None,
+    max_labels: int = MAX_LABELS,
 ) -> Path:
     """Draw candidates and their Pareto front to a PNG, written atomically.
 
@@ -119,6 +122,8 @@ def plot_front(
         intervals: ``(n, k, 2)`` [low, high] per candidate and objective, drawn as error bars
             on the front points.
         base: ``(k,)`` scores of the base model (w = 0), drawn as its own point.
+        max_labels: Label at most this many front points (:func:`labelled_points`); dozens of
+            overlapping labels are unreadable, and each costs drawing time.
 
     Returns:
         The written path.
@@ -172,7 +177,7 @@ def plot_front(
         if k == 2:
             _step_line(ax, arr[mask], "C0")
         if labels is not None:
-            for r in np.flatnonzero(mask):
+            for r in labelled_points(arr, mask, max_labels):
                 ax.annotate(
                     labels[r],
                     (arr[r, i], arr[r, j]),
@@ -222,6 +227,27 @@ def plot_front(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     return path
+
+
+def labelled_points(scores: np.ndarray, on_front: np.ndarray, max_labels: int) -> list[int]:
+    """Rows of the front points to label: all of them, or ``max_labels`` spread along the front.
+
+    The front is ordered by its first objective; the kept points are evenly spaced in that
+    order and always include both ends (the best point of each extreme).
+
+    Args:
+        scores: ``(n, k)`` objective values.
+        on_front: ``(n,)`` boolean mask of the front.
+        max_labels: How many labels at most (``>= 0``).
+    """
+    rows = np.flatnonzero(np.asarray(on_front, dtype=bool))
+    if len(rows) <= max_labels:
+        return rows.tolist()
+    if max_labels < 2:
+        return rows[:max_labels].tolist()
+    ordered = rows[np.argsort(np.asarray(scores)[rows, 0], kind="stable")]
+    picks = np.unique(np.round(np.linspace(0, len(ordered) - 1, max_labels)).astype(int))
+    return ordered[picks].tolist()
 
 
 def _step_line(ax, front: np.ndarray, colour: str) -> None:
