@@ -12,7 +12,7 @@ from mva_lightning.model.generation import generate
 from mva_lightning.model.logps import response_logps
 from mva_lightning.model.precision import autocast
 from mva_lightning.scorers.base import ScorerError
-from mva_lightning.sweep.objectives import GenerationScore, ImplicitReward
+from mva_lightning.sweep.objectives import MAX_AUTO_CANDIDATES, GenerationScore, ImplicitReward
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +182,36 @@ def test_implicit_reward_scores_many_candidates_in_one_forward(setup, share_prom
             assert got[k] == pytest.approx(want[k], abs=1e-5), k
     assert many[2]["helpful/margin"] != many[1]["helpful/margin"]  # rows kept apart
     assert lora.get_weights(policy) == previous  # restored
+
+
+def test_implicit_reward_auto_candidates_per_forward_fills_the_token_budget(setup):
+    policy, dm = setup
+    sizes = [tuple(b["input_ids"].shape) for b in _prepared(ImplicitReward(beta=0.1), policy, dm)]
+    longest = max(rows * width for rows, width in sizes)  # padded tokens one candidate adds
+    assert ImplicitReward(beta=0.1).candidates_per_forward == 1  # nothing prepared yet
+    for budget, want in [(3 * longest + 1, 3), (longest - 1, 1), (10**9, MAX_AUTO_CANDIDATES)]:
+        objective = ImplicitReward(beta=0.1, tokens_per_forward=budget)
+        _prepared(objective, policy, dm)
+        assert objective.candidates_per_forward == want, budget
+    decoding = ImplicitReward(beta=0.1, combination="decoding", tokens_per_forward=4 * longest)
+    _prepared(decoding, policy, dm)
+    assert decoding.candidates_per_forward == 2  # K = 2 rows per pair and candidate
+    # "auto" scores what one candidate at a time scores
+    auto = ImplicitReward(beta=0.1, tokens_per_forward=2 * longest)
+    single = _one_at_a_time(ImplicitReward(beta=0.1, candidates_per_forward=1), policy, dm)
+    for got, want in zip(auto.score_many(policy, dm, VALUES, CANDIDATES), single, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+    assert auto.for_split("test").candidates_per_forward == 1  # its own batches, not prepared
+    for bad in ("many", 0, True):
+        with pytest.raises(ValueError, match='an integer >= 1 or "auto"'):
+            ImplicitReward(candidates_per_forward=bad)
+    with pytest.raises(ValueError, match="tokens_per_forward must be an integer >= 1"):
+        ImplicitReward(tokens_per_forward=0)
+
+
+def _prepared(objective, policy, dm):
+    objective.prepare(policy, dm, VALUES)
+    return [b for batches in objective._batches.values() for b in batches]
 
 
 def test_generation_scores_many_candidates_in_one_generate(setup):

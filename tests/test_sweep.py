@@ -207,6 +207,21 @@ def test_sweep_scores_candidates_in_batches_of_candidates_per_forward(policy, tm
     assert objective.calls == 0  # score() itself never ran
 
 
+class AutoBatchedTable(BatchedTable):
+    """BatchedTable whose batch size is only known after prepare (as ImplicitReward's auto)."""
+
+    candidates_per_forward = 1
+
+    def prepare(self, policy, datamodule, values):
+        self.candidates_per_forward = 3
+
+
+def test_sweep_sizes_its_batches_after_prepare(policy, tmp_path):
+    objective = AutoBatchedTable()
+    _sweep(policy, tmp_path, objective=objective)
+    assert objective.batches == [3, 3]  # the base and 5 candidates, 3 at a time
+
+
 @pytest.mark.parametrize(
     ("kw", "error", "message"),
     [

@@ -151,7 +151,11 @@ class ImplicitReward(Objective):
         share_prompt: Each pair as one packed row (:mod:`mva_lightning.model.logps`): True, False or
             "auto".
         candidates_per_forward: Preference vectors scored in one forward by
-            :meth:`score_many` (rows and memory grow with it; the scores do not change).
+            :meth:`score_many` (rows and memory grow with it; the scores do not change), or
+            ``"auto"``: as many as fit ``tokens_per_forward`` tokens in one forward (at least 1,
+            at most :data:`MAX_AUTO_CANDIDATES`), from the longest prepared batch.
+        tokens_per_forward: The token budget of ``"auto"`` (padded tokens of the stacked rows;
+            activations, and the LM head's log-softmax over the response tokens, grow with it).
         combination: What pi_w is: ``"weights"``, the merged weights W_0 + sum_v w_v delta W_v;
             ``"decoding"``, the decoding-time combination (MOD), log pi_w(y|x) = sum over
             response tokens of log softmax(sum_v w_v log pi_v)[y_t]
@@ -167,23 +171,30 @@ class ImplicitReward(Objective):
         batch_size: int | None = None,
         head_on_response_only: bool = True,
         share_prompt: bool | str = "auto",
-        candidates_per_forward: int = 8,
+        candidates_per_forward: int | str = "auto",
         combination: str = "weights",
+        tokens_per_forward: int = 16384,
     ) -> None:
         check_combination(combination)
         if not beta > 0:
             raise ValueError(f"ImplicitReward: beta must be > 0, got {beta}")
         if max_pairs is not None and max_pairs < 1:
             raise ValueError(f"ImplicitReward: max_pairs must be >= 1 or None, got {max_pairs}")
-        _check_candidates_per_forward(type(self).__name__, candidates_per_forward)
+        _check_candidates_per_forward(type(self).__name__, candidates_per_forward, auto=True)
+        if not (isinstance(tokens_per_forward, int) and tokens_per_forward >= 1):
+            raise ValueError(
+                f"ImplicitReward: tokens_per_forward must be an integer >= 1, "
+                f"got {tokens_per_forward!r}"
+            )
         self.beta, self.split, self.max_pairs = float(beta), split, max_pairs
         self.batch_size, self.head_on_response_only = batch_size, head_on_response_only
-        self.share_prompt, self.candidates_per_forward = share_prompt, candidates_per_forward
-        self.combination = combination
+        self.share_prompt, self._per_forward = share_prompt, candidates_per_forward
+        self.combination, self.tokens_per_forward = combination, tokens_per_forward
         # (id(datamodule), value) -> its collated pairs, and their reference log-probs (one
         # cache class with the training module's: mva_lightning.training.reference)
         self._batches: dict[tuple[int, str], list[dict]] = {}
         self._reference = PairCache()
+        self._models_per_row = 1  # the decoding-time combination: one row per value vector
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -202,9 +213,26 @@ class ImplicitReward(Objective):
             self.batch_size,
             self.head_on_response_only,
             self.share_prompt,
-            self.candidates_per_forward,
+            self._per_forward,
             self.combination,
+            self.tokens_per_forward,
         )
+
+    @property
+    def candidates_per_forward(self) -> int:
+        """Preference vectors per forward: the set number, or ``"auto"``'s choice.
+
+        ``"auto"``: ``tokens_per_forward`` // the padded tokens one candidate adds to the
+        longest batch prepared so far (its ``(2B, T)`` rows, times K for the decoding-time
+        combination), clamped to 1 .. :data:`MAX_AUTO_CANDIDATES`; 1 before :meth:`prepare`.
+        """
+        if self._per_forward != "auto":
+            return self._per_forward
+        sizes = [b["input_ids"].numel() for batches in self._batches.values() for b in batches]
+        if not sizes:
+            return 1
+        per_candidate = max(sizes) * max(1, self._models_per_row)
+        return max(1, min(MAX_AUTO_CANDIDATES, self.tokens_per_forward // per_candidate))
 
     def validate(self, datamodule, values: Sequence[str]) -> None:
         super().validate(datamodule, values)
@@ -225,6 +253,8 @@ class ImplicitReward(Objective):
         size = self.batch_size or datamodule.eval_batch_size
         pad = datamodule.tokenizer.pad_token_id
         device = _device(policy)
+        if self.combination == "decoding":
+            self._models_per_row = len(lora.value_names(policy))
 
         def base_rows(batch: dict) -> torch.Tensor:  # pi_0: the base, whatever the combination
             return reference_rows(self._logps(policy, batch, combined=False))  # (B, 2)
@@ -320,9 +350,17 @@ def _repeat_pairs(rows: torch.Tensor, copies: int) -> torch.Tensor:
     return halves.reshape(2 * copies * (two_b // 2), width)
 
 
-def _check_candidates_per_forward(owner: str, n: int) -> None:
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"{owner}: candidates_per_forward must be an integer >= 1, got {n!r}")
+# "auto" stacks at most this many preference vectors per forward: beyond it, a forward of
+# short rows is no faster per candidate (measured: experiments/bench_extrapolation.py).
+MAX_AUTO_CANDIDATES = 64
+
+
+def _check_candidates_per_forward(owner: str, n: int | str, auto: bool = False) -> None:
+    if auto and n == "auto":
+        return
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        expected = 'an integer >= 1 or "auto"' if auto else "an integer >= 1"
+        raise ValueError(f"{owner}: candidates_per_forward must be {expected}, got {n!r}")
 
 
 class GenerationScore(Objective):

@@ -526,7 +526,6 @@ def _score_part(policy, datamodule, values, objective, todo, folder, shard, prog
     out: dict[tuple[float, ...], Scores] = {}
     scored = skipped = 0
     desc = f"extrapolation [{objective.split}]"
-    chunk = objective.candidates_per_forward
     with torch.no_grad(), lora.using_weights(policy, lora.get_weights(policy)):
         pending = []
         for w in todo:
@@ -541,6 +540,7 @@ def _score_part(policy, datamodule, values, objective, todo, folder, shard, prog
         if pending:
             with panacea.base_model(policy):  # Panacea's reference: its adapter off
                 objective.prepare(policy, datamodule, values)
+        chunk = objective.candidates_per_forward  # after prepare: "auto" sizes from its batches
         with tqdm(total=len(todo), initial=skipped, desc=desc, disable=not progress) as bar:
             for start in range(0, len(pending), chunk):  # a batch of candidates per forward
                 group = pending[start : start + chunk]
