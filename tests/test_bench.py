@@ -169,6 +169,8 @@ def test_bench_extrapolation_runs_at_minimal_size(tmp_path):
         # The paper path's time per candidate splits into its reloads and its scoring.
         total = r["paper_reload_s_per_candidate"] + r["paper_scoring_s_per_candidate"]
         assert total == pytest.approx(1 / r["paper_candidates_per_s"])
+        scoring_ratio = r["paper_scoring_s_per_candidate"] / r["ours_s_per_candidate"]
+        assert r["ratio_vs_paper_scoring"] == pytest.approx(scoring_ratio)
 
 
 @pytest.mark.slow
