@@ -82,11 +82,11 @@ def hypervolume(scores: np.ndarray, reference: Sequence[float]) -> float:
     return float(moocore.hypervolume(arr, ref=ref, maximise=True))
 
 
+# Front points labelled with their w at most: the rest stay unlabelled dots on the front.
+MAX_LABELS = 12
 # Other methods' fronts: tab20 without the blues (this run's front), the dark red (the base's
 # square) and the greys (candidates): 15 distinct colours, so a comparison of every method
 # never repeats one.
-# Front points labelled with their w at most: the rest stay unlabelled dots on the front.
-MAX_LABELS = 12
 EXTRA_COLOURS = (2, 4, 8, 10, 12, 16, 18, 3, 5, 9, 11, 13, 17, 19, 7)  # tab20 indices
 
 
