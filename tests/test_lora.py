@@ -159,7 +159,8 @@ def test_cosine_similarity_of_identical_vectors(policy):
     assert cos and all(c == pytest.approx(-1.0, abs=1e-5) for c in cos.values())
 
 
-def test_row_weights_give_each_row_its_own_combination(policy):
+@pytest.mark.parametrize("fuse", [None, True, False])
+def test_row_weights_give_each_row_its_own_combination(policy, fuse):
     names = lora.value_names(policy)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -178,16 +179,41 @@ def test_row_weights_give_each_row_its_own_combination(policy):
             v: torch.tensor([w[i] for w in rows]).repeat_interleave(2)
             for i, v in enumerate(names[:2])
         }
-        with lora.using_row_weights(policy, columns):
+        with lora.using_row_weights(policy, columns, fuse=fuse):
             together = policy(input_ids=ids.repeat(3, 1)).logits
+            layer = lora.lora_layers(policy)[0][1]
+            fused = fuse is not False  # the tiny model's layers fuse
+            assert bool(layer._forward_hooks) == fused
+            assert list(layer.active_adapters) == ([] if fused else names[:2])
     torch.testing.assert_close(together, torch.cat(alone), rtol=0, atol=1e-6)
     assert lora.get_weights(policy)[names[0]] == 0.25  # the previous combination is back
+    assert not any(layer._forward_hooks for _, layer in lora.lora_layers(policy))
     with pytest.raises(KeyError, match="no value vector"):
         lora.using_row_weights(policy, {"nope": torch.ones(2)}).__enter__()
     with pytest.raises(ValueError, match="one length"):
         lora.using_row_weights(
             policy, {names[0]: torch.ones(2), names[1]: torch.ones(3)}
         ).__enter__()
+
+
+def test_row_weights_fall_back_where_layers_cannot_fuse(policy):
+    names = lora.value_names(policy)
+    layer = lora.lora_layers(policy)[0][1]
+    assert lora.can_fuse(layer, names)
+    columns = {names[0]: torch.tensor([1.0, 0.5])}
+    dropout = layer.lora_dropout[names[0]]
+    layer.lora_dropout[names[0]] = torch.nn.Dropout(0.1).train()  # live dropout: not fusable
+    try:
+        assert not lora.can_fuse(layer, names)
+        with pytest.raises(ValueError, match="cannot be fused"):
+            lora.using_row_weights(policy, columns, fuse=True).__enter__()
+        lora.set_weights(policy, {})
+        with lora.using_row_weights(policy, columns):  # None: the per-adapter columns
+            assert not layer._forward_hooks and list(layer.active_adapters) == names[:1]
+            assert layer.scaling[names[0]].shape == (2, 1, 1)
+    finally:
+        layer.lora_dropout[names[0]] = dropout
+    assert lora.get_weights(policy) == dict.fromkeys(names, 0.0)
 
 
 def test_stack_weights_gives_each_vector_its_block_of_rows():

@@ -202,20 +202,31 @@ def using_weights(model: nn.Module, weights: Mapping[str, float]) -> Iterator[nn
 
 
 @contextlib.contextmanager
-def using_row_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
+def using_row_weights(
+    model: nn.Module, weights: Mapping[str, torch.Tensor], fuse: bool | None = None
+) -> Iterator[nn.Module]:
     """Context manager: batch row n computes W_0 + sum_v weights[v][n] delta W_v.
 
-    Many preference vectors in one forward (or one ``generate``): each adapter's scale becomes
+    Many preference vectors in one forward (or one ``generate``): row n of a LoRA layer's
+    output gets sum_v weights[v][n] * s_v * B_v A_v x. Fused (the default where it applies,
+    :func:`can_fuse`): one forward hook per layer adds ``((x @ A^T) * c_n) @ B^T`` with the
+    active values' factors stacked, A = [A_1; A_2; ...] and B = [B_1, B_2, ...], and c_n their
+    per-row scales on the rank dimension, while the layer itself computes the base alone: two
+    matrix products per layer instead of two per value. Otherwise each adapter's scale becomes
     a per-row column that broadcasts over the (rows, tokens, features) output of its layer.
-    Every forward inside must have exactly N rows; the previous combination is restored after.
+    Both compute the same weights (to float rounding, tested). Every forward inside must have
+    exactly N rows; the previous combination is restored after.
 
     Args:
         model: A model from :func:`add_value_vectors`.
         weights: Value name -> (N,) tensor of w_v per row. Values left out get w_v = 0.
+        fuse: True: fused (raises where :func:`can_fuse` is False); False: per-adapter
+            columns; None: fused where it applies.
 
     Raises:
         KeyError: A name has no value vector.
-        ValueError: The tensors are not 1-D of one common length.
+        ValueError: The tensors are not 1-D of one common length, or ``fuse=True`` where the
+            layers cannot be fused.
     """
     known = value_names(model)
     check_names(known, weights)
@@ -224,19 +235,80 @@ def using_row_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> 
         raise ValueError(f"row weights: expected (N,) tensors of one length, got shapes {sizes}")
     previous = get_weights(model)
     active = {v: t for v, t in weights.items() if bool((t != 0).any())}
-    set_weights(model, dict.fromkeys(active, 1.0))  # unit scales, the right adapters on
+    layers = [layer for _, layer in lora_layers(model)]
+    fusable = bool(active) and all(can_fuse(layer, list(active)) for layer in layers)
+    if fuse and not fusable:
+        raise ValueError("row weights: these LoRA layers cannot be fused (see lora.can_fuse)")
+    if fuse is None:
+        fuse = fusable
+    handles = []
     try:
-        for _, layer in lora_layers(model):
-            for v, column in active.items():
-                unit = layer.scaling[v]
-                device = layer.lora_B[v].weight.device
-                layer.scaling[v] = column.to(device, torch.float32)[:, None, None] * unit
+        if fuse:
+            set_weights(model, {})  # every layer computes its base alone; the hooks add the rest
+            handles = [_fused_hook(layer, active) for layer in layers]
+        else:
+            set_weights(model, dict.fromkeys(active, 1.0))  # unit scales, the right adapters on
+            for layer in layers:
+                for v, column in active.items():
+                    unit = layer.scaling[v]
+                    device = layer.lora_B[v].weight.device
+                    layer.scaling[v] = column.to(device, torch.float32)[:, None, None] * unit
         yield model
     finally:
-        for _, layer in lora_layers(model):
+        for handle in handles:
+            handle.remove()
+        for layer in layers:
             for v in active:
                 layer.set_scale(v, 1.0)  # a plain float again
         set_weights(model, previous)
+
+
+def can_fuse(layer: nn.Module, values: Sequence[str]) -> bool:
+    """Whether :func:`using_row_weights` may fuse ``values``' adapters of one LoRA layer.
+
+    True for a plain, unmerged PEFT ``Linear`` whose factors for ``values`` are ordinary linear
+    maps of the layer's shapes (no DoRA or other variant, no LoRA bias) and whose dropout does
+    nothing (identity, or the module in eval mode). False otherwise, e.g. for factors that
+    FSDP or DeepSpeed wrap or shard: their weights are not whole outside their own forward.
+    """
+    from peft.tuners.lora.layer import Linear
+
+    if type(layer) is not Linear or layer.merged or getattr(layer, "fan_in_fan_out", False):
+        return False
+    for v in values:
+        a, b = layer.lora_A[v], layer.lora_B[v]
+        dropout = layer.lora_dropout[v]
+        if (
+            v in getattr(layer, "lora_variant", {})
+            or getattr(layer, "lora_bias", {}).get(v, False)
+            or type(a) is not nn.Linear
+            or type(b) is not nn.Linear
+            or a.weight.shape != (layer.r[v], layer.in_features)
+            or b.weight.shape != (layer.out_features, layer.r[v])
+            or not (isinstance(dropout, nn.Identity) or not dropout.training)
+        ):
+            return False
+    return True
+
+
+def _fused_hook(layer: nn.Module, columns: Mapping[str, torch.Tensor]):
+    """Register the forward hook that adds the stacked adapters' per-row term to ``layer``."""
+    stacked_a = torch.cat([layer.lora_A[v].weight for v in columns])  # (sum r, d_in)
+    stacked_b = torch.cat([layer.lora_B[v].weight for v in columns], dim=1)  # (d_out, sum r)
+    scales = []
+    for v, column in columns.items():
+        layer.set_scale(v, 1.0)
+        unit = layer.scaling[v]  # lora_alpha / r (or / sqrt(r) with rsLoRA)
+        row = column.to(stacked_a.device, torch.float32) * unit  # (N,)
+        scales.append(row[:, None].expand(-1, layer.r[v]))
+    rank_scale = torch.cat(scales, dim=1)[:, None, :]  # (N, 1, sum r): w_v * s_v per rank slot
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs["x"]
+        low = (x.to(stacked_a.dtype) @ stacked_a.T) * rank_scale  # (N, T, sum r)
+        return output + (low.to(stacked_b.dtype) @ stacked_b.T).to(output.dtype)
+
+    return layer.register_forward_hook(hook, with_kwargs=True)
 
 
 def stack_weights(
