@@ -214,6 +214,8 @@ def test_row_weights_fall_back_where_layers_cannot_fuse(policy):
     finally:
         layer.lora_dropout[names[0]] = dropout
     assert lora.get_weights(policy) == dict.fromkeys(names, 0.0)
+    with lora.using_row_weights(policy, {names[0]: torch.zeros(2)}, fuse=True):  # nothing to add
+        assert not layer._forward_hooks and list(layer.active_adapters) == []
 
 
 def test_stack_weights_gives_each_vector_its_block_of_rows():

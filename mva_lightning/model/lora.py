@@ -236,11 +236,10 @@ def using_row_weights(
     previous = get_weights(model)
     active = {v: t for v, t in weights.items() if bool((t != 0).any())}
     layers = [layer for _, layer in lora_layers(model)]
-    fusable = bool(active) and all(can_fuse(layer, list(active)) for layer in layers)
+    fusable = all(can_fuse(layer, list(active)) for layer in layers)
     if fuse and not fusable:
         raise ValueError("row weights: these LoRA layers cannot be fused (see lora.can_fuse)")
-    if fuse is None:
-        fuse = fusable
+    fuse = bool(active) and (fusable if fuse is None else fuse)  # all w = 0: the base alone
     handles = []
     try:
         if fuse:
