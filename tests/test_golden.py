@@ -4,8 +4,9 @@ Three small runs of the tiny model on the toy data (two values, the paper's grid
 implicit reward): HSIC with the sequential schedule, MINE, and the joint schedule. Their
 adapters, ``pareto.json`` and ``interference.json`` were recorded before the package was
 restructured (``pareto.json`` again when the sweep's row weights were fused, which moved the
-implicit-reward margins by float rounding, at most 8e-7, and nothing else); a refactor that changes any of them (one bit of one adapter tensor) changes
-behaviour and fails here. Record again, deliberately, only when behaviour is meant to change::
+implicit-reward margins by float rounding, at most 8e-7, and nothing else); a refactor that
+changes any of them (one bit of one adapter tensor) changes behaviour and fails here. Record
+again, deliberately, only when behaviour is meant to change::
 
     MVA_RECORD_GOLDEN=1 python -m pytest tests/test_golden.py
 

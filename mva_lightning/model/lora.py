@@ -214,7 +214,8 @@ def using_row_weights(
     per-row scales on the rank dimension, while the layer itself computes the base alone: two
     matrix products per layer instead of two per value. Otherwise each adapter's scale becomes
     a per-row column that broadcasts over the (rows, tokens, features) output of its layer.
-    Both compute the same weights (to float rounding, tested). Every forward inside must have
+    Both compute the same weights (to float rounding, tested); the fused path stacks the
+    factors once on entry, so change no adapter weight inside. Every forward inside must have
     exactly N rows; the previous combination is restored after.
 
     Args:
